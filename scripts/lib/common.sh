@@ -1,0 +1,39 @@
+# Shared settings and helpers for perfbox's setup scripts (sourced, not executed).
+# Every path can be overridden from the environment; the defaults match systemd/ and README.md.
+PERFBOX_USER=${PERFBOX_USER:-perfbox}
+PERFBOX_CACHE=${PERFBOX_CACHE:-/var/cache/perfbox}
+PERFBOX_STATE=${PERFBOX_STATE:-/var/lib/perfbox}
+PERFBOX_RUN=${PERFBOX_RUN:-/run/perfbox}
+PERFBOX_REGISTRY=${PERFBOX_REGISTRY:-127.0.0.1:5000}
+BUILDKIT_VERSION=v0.13.2
+YOUKI_VERSION=0.7.0
+BUILDKIT_SOCKET="$PERFBOX_RUN/buildkit/buildkitd.sock"
+PERFBOX_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+say() { printf '[setup] %s\n' "$*"; }
+warn() { printf '[setup] WARNING: %s\n' "$*" >&2; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Run a command as the unprivileged perfbox user, with a clean, explicit environment.
+as_perfbox() {
+  local home
+  home=$(getent passwd "$PERFBOX_USER" | cut -d: -f6)
+  setpriv --reuid="$PERFBOX_USER" --regid="$PERFBOX_USER" --init-groups --reset-env \
+    env HOME="$home" USER="$PERFBOX_USER" XDG_RUNTIME_DIR="$PERFBOX_RUN" \
+    PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "$@"
+}
+
+# The first Debian archive URI of this machine's apt sources (deb822 or one-line format).
+debian_mirror() {
+  cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+    | grep -oE '^(URIs:|deb) +[^ ]+' | awk '{print $2}' | grep -m1 -E '/debian/?$'
+}
+
+# Substitute @VARS@ in a template.
+render() {
+  sed -e "s#@STATE@#$PERFBOX_STATE#g" -e "s#@RUN@#$PERFBOX_RUN#g" \
+    -e "s#@REGISTRY@#$PERFBOX_REGISTRY#g" -e "s#@READONLY@#${READONLY:-false}#g" "$1"
+}
+
+# "a.b.c" >= "x.y.z" for dotted numeric versions.
+version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" = "$2" ]; }

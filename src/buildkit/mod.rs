@@ -1,0 +1,1 @@
+//! BuildKit client (gRPC control API and session protocol).
