@@ -25,8 +25,10 @@ as_perfbox() {
 
 # The first Debian archive URI of this machine's apt sources (deb822 or one-line format).
 debian_mirror() {
-  cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-    | grep -oE '^(URIs:|deb) +[^ ]+' | awk '{print $2}' | grep -m1 -E '/debian/?$'
+  local m
+  m=$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+    | grep -oE '^(URIs:|deb) +[^ ]+' | awk '{print $2}' | grep -m1 -E '/debian/?$' || true)
+  [ -n "$m" ] && echo "$m"
 }
 
 # Substitute @VARS@ in a template.

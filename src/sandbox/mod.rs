@@ -1,1 +1,491 @@
-//! Sandbox runner.
+//! The sandbox runner: turns a built image (root filesystem + image config) and a job directory
+//! into a hardened rootless OCI bundle, runs it with runc, crun or youki, and reads the job's
+//! `perf` back without trusting anything the job wrote.
+//!
+//! # Operation (what [`Sandbox::run`] does, in order)
+//! 1. Resolve the process from the image config: argv (Entrypoint + Cmd), Env (PATH and HOME
+//!    defaulted), WorkingDir, and USER against the image's own passwd/group (never following
+//!    symlinks out of the rootfs).
+//! 2. Prepare the job directory: `out/` (mounted at /data, the only host path the container
+//!    sees) and `runtime/` (this run's private `--root` state dir), owned by the runtime user.
+//! 3. Generate the spec ([`spec::hardened_spec`]) and write it to `config.json` — it is both what
+//!    the runtime executes and the audit record ([`read_spec`]).
+//! 4. `run` in the foreground, stdout+stderr into `run.log` capped at the log limit.
+//! 5. Wait for exit, the wall-clock timeout, or cancellation; on the latter two, `kill KILL` the
+//!    container (its pid namespace dies with init, SIGSTOPped processes included).
+//! 6. Read OOM counters while the cgroup still exists, then `delete --force` and remove the
+//!    state dir — on every path, including a dropped future (a guard does it synchronously).
+//! 7. Read `/data/perf.json` with [`perf::read_perf`].
+
+pub mod cgroups;
+pub mod idmap;
+pub mod image_user;
+pub mod perf;
+pub mod policy;
+pub mod runtime;
+pub mod safe_read;
+pub mod seccomp;
+pub mod spec;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::{LinuxSeccomp, Spec};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::image::ImageConfig;
+use cgroups::{CgroupHost, Controller};
+use idmap::HostIdentity;
+use perf::PerfError;
+use policy::{AppliedLimits, Limits};
+use runtime::{Runtime, RuntimeKind};
+
+/// The spec file name inside a job directory.
+pub const SPEC_FILE: &str = "config.json";
+/// The output directory (mounted at /data) inside a job directory.
+pub const OUT_DIR: &str = "out";
+/// The run log inside a job directory.
+pub const RUN_LOG: &str = "run.log";
+/// The runtime state dir (`--root`) inside a job directory, removed after each run.
+pub const STATE_DIR: &str = "runtime";
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How the sandbox is configured.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Which OCI runtime.
+    pub runtime: RuntimeKind,
+    /// The unprivileged user that runs containers; None = the current user (must not be root).
+    pub runtime_user: Option<String>,
+    /// Default limits.
+    pub limits: Limits,
+    /// Parent cgroup for jobs (inside the hierarchy); None = "/perfbox".
+    pub cgroup_parent: Option<String>,
+    /// A seccomp profile file replacing the shipped one.
+    pub seccomp_profile: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            runtime: RuntimeKind::Runc,
+            runtime_user: None,
+            limits: Limits::default(),
+            cgroup_parent: None,
+            seccomp_profile: None,
+        }
+    }
+}
+
+/// Errors that prevent a run (the job's own failures are in [`RunReport`], not here).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The runtime user cannot be used.
+    #[error(transparent)]
+    Identity(#[from] idmap::IdentityError),
+    /// Runtime CLI problem.
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+    /// Seccomp profile problem.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    /// The spec cannot be built.
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    /// The image USER cannot be resolved.
+    #[error(transparent)]
+    User(#[from] image_user::UserError),
+    /// Neither Entrypoint nor Cmd.
+    #[error("the image has neither ENTRYPOINT nor CMD: nothing to run")]
+    NoCommand,
+    /// Filesystem work on the job dir failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + use<> {
+    let path = path.to_path_buf();
+    move |source| SandboxError::Io { what, path, source }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunEnd {
+    /// The container's process exited (code 128+N: killed by signal N).
+    Exited {
+        /// Exit status as the runtime reports it.
+        code: i32,
+    },
+    /// Killed at the wall-clock limit.
+    TimedOut {
+        /// The limit.
+        after_secs: u64,
+    },
+    /// Killed because the job was cancelled.
+    Cancelled,
+}
+
+/// The result of one run.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How it ended.
+    pub end: RunEnd,
+    /// The memory cgroup recorded an OOM kill (or, where it cannot be read, SIGKILL under a
+    /// memory limit that nobody else sent).
+    pub oom_killed: bool,
+    /// `/data/perf.json`, validated.
+    pub perf: Result<f64, PerfError>,
+    /// What limits really applied.
+    pub applied: AppliedLimits,
+    /// cgroup layout used ("v1", "v2", "none").
+    pub cgroup_version: &'static str,
+    /// The runtime used.
+    pub runtime: RuntimeKind,
+    /// Where the spec is.
+    pub spec_path: PathBuf,
+    /// Where the log is.
+    pub log_path: PathBuf,
+    /// Bytes of output beyond the log cap (counted, not stored).
+    pub log_dropped_bytes: u64,
+    /// Wall time of the run.
+    pub duration: Duration,
+    /// The last lines of the log (for failure reasons).
+    pub log_tail: String,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunRequest<'a> {
+    /// The job directory (created by the caller; the sandbox adds out/, runtime/, config.json, run.log).
+    pub job_dir: &'a Path,
+    /// Image root filesystem (absolute; mounted read-only).
+    pub rootfs: &'a Path,
+    /// Image config.
+    pub image: &'a ImageConfig,
+    /// Container id (unique per run).
+    pub container_id: &'a str,
+    /// Limits for this run (None: the sandbox defaults).
+    pub limits: Option<&'a Limits>,
+    /// Cancels the run.
+    pub cancel: CancellationToken,
+}
+
+/// A configured sandbox, shared by all jobs.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    runtime: Runtime,
+    identity: HostIdentity,
+    limits: Limits,
+    cgroups: CgroupHost,
+    seccomp: LinuxSeccomp,
+}
+
+/// Return the OCI spec a job ran with (its `config.json`), for audit.
+pub fn read_spec(job_dir: &Path) -> Result<Spec, SandboxError> {
+    let path = job_dir.join(SPEC_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err("cannot read", &path))?;
+    serde_json::from_str(&text).map_err(|e| SandboxError::Io {
+        what: "invalid spec",
+        path,
+        source: std::io::Error::other(e),
+    })
+}
+
+impl Sandbox {
+    /// Probe the host and load the policy: runtime binary, runtime user and its id ranges,
+    /// cgroups available to it, seccomp profile.
+    pub fn new(cfg: SandboxConfig) -> Result<Self, SandboxError> {
+        let identity = HostIdentity::lookup(cfg.runtime_user.as_deref())?;
+        let run_as = nix::unistd::geteuid()
+            .is_root()
+            .then_some((identity.uid, identity.gid));
+        let runtime = Runtime::locate(cfg.runtime, run_as)?;
+        let cgroups = CgroupHost::detect(identity.uid, cfg.cgroup_parent.as_deref());
+        let seccomp = match &cfg.seccomp_profile {
+            Some(p) => seccomp::parse_profile(&std::fs::read_to_string(p).map_err(io_err("cannot read", p))?)?,
+            None => seccomp::default_profile(),
+        };
+        Ok(Self { runtime, identity, limits: cfg.limits, cgroups, seccomp })
+    }
+
+    /// The runtime in use.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The host identity containers run as.
+    pub fn identity(&self) -> &HostIdentity {
+        &self.identity
+    }
+
+    /// The cgroup layout found at startup.
+    pub fn cgroups(&self) -> &CgroupHost {
+        &self.cgroups
+    }
+
+    /// Default limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn give_to_runtime_user(&self, path: &Path) -> Result<(), SandboxError> {
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(path, Some(self.identity.uid), Some(self.identity.gid))
+                .map_err(io_err("cannot chown", path))?;
+        }
+        Ok(())
+    }
+
+    /// Run a job's image once. See the module doc for the sequence.
+    pub async fn run(&self, req: RunRequest<'_>) -> Result<RunReport, SandboxError> {
+        let limits = req.limits.unwrap_or(&self.limits);
+        let job_dir = std::path::absolute(req.job_dir).map_err(io_err("bad job dir", req.job_dir))?;
+        let rootfs = std::path::absolute(req.rootfs).map_err(io_err("bad rootfs", req.rootfs))?;
+
+        // 1. The process, as the image describes it.
+        let user = image_user::resolve(&rootfs, req.image.user.as_deref().unwrap_or(""))?;
+        let args = req.image.argv();
+        if args.is_empty() {
+            return Err(SandboxError::NoCommand);
+        }
+        let mut env = req.image.env.clone().unwrap_or_default();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push(DEFAULT_PATH.into());
+        }
+        if !env.iter().any(|e| e.starts_with("HOME=")) {
+            env.push(format!("HOME={}", user.home.as_deref().unwrap_or("/")));
+        }
+        let cwd = match req.image.working_dir.as_deref() {
+            Some(w) if w.starts_with('/') => w.to_string(),
+            Some(w) if !w.is_empty() => format!("/{w}"),
+            _ => "/".to_string(),
+        };
+
+        // 2. The job directory: out/ is the job's, runtime/ is the runtime's; both belong to the
+        // runtime user. out/ is world-writable inside a 0700 job dir so that any image USER can
+        // write /data while no other host user can reach it.
+        self.give_to_runtime_user(&job_dir)?;
+        std::fs::set_permissions(&job_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("cannot chmod", &job_dir))?;
+        let out_dir = job_dir.join(OUT_DIR);
+        std::fs::create_dir_all(&out_dir).map_err(io_err("cannot create", &out_dir))?;
+        std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o777))
+            .map_err(io_err("cannot chmod", &out_dir))?;
+        self.give_to_runtime_user(&out_dir)?;
+        let state_dir = job_dir.join(STATE_DIR);
+        let _ = std::fs::remove_dir_all(&state_dir);
+        std::fs::create_dir(&state_dir).map_err(io_err("cannot create", &state_dir))?;
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("cannot chmod", &state_dir))?;
+        self.give_to_runtime_user(&state_dir)?;
+
+        // 3. The spec, kept for audit.
+        let (spec, applied) = spec::hardened_spec(&spec::SpecInput {
+            rootfs: rootfs.clone(),
+            out_dir: out_dir.clone(),
+            args,
+            env,
+            cwd,
+            user,
+            identity: &self.identity,
+            limits,
+            cgroups: &self.cgroups,
+            container_id: req.container_id,
+            seccomp: self.seccomp.clone(),
+        })?;
+        let spec_path = job_dir.join(SPEC_FILE);
+        let json = serde_json::to_vec_pretty(&spec).map_err(|e| SandboxError::Io {
+            what: "cannot serialize spec",
+            path: spec_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&spec_path, json).map_err(io_err("cannot write", &spec_path))?;
+
+        // 4. Run in the foreground. From here on the guard deletes the container on every path.
+        let log_path = job_dir.join(RUN_LOG);
+        let log = std::fs::File::create(&log_path).map_err(io_err("cannot create", &log_path))?;
+        let started = Instant::now();
+        let mut guard = ContainerGuard::new(&self.runtime, &state_dir, req.container_id);
+        let mut child = self.runtime.spawn_run(&state_dir, &job_dir, req.container_id)?;
+        let pump = LogPump::start(log, limits.log_bytes, child.stdout.take(), child.stderr.take());
+
+        // 5. Exit, timeout or cancellation.
+        let timeout = Duration::from_secs(limits.timeout_secs);
+        let end = tokio::select! {
+            status = child.wait() => Some(status),
+            _ = tokio::time::sleep(timeout) => None,
+            _ = req.cancel.cancelled() => None,
+        };
+        let end = match end {
+            Some(status) => {
+                let status = status.map_err(io_err("cannot wait for runtime", &job_dir))?;
+                RunEnd::Exited { code: exit_code(status) }
+            }
+            None => {
+                let end = if req.cancel.is_cancelled() {
+                    RunEnd::Cancelled
+                } else {
+                    RunEnd::TimedOut { after_secs: limits.timeout_secs }
+                };
+                let _ = self.runtime.kill(&state_dir, req.container_id).await;
+                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+                end
+            }
+        };
+        let duration = started.elapsed();
+        let log_dropped_bytes = pump.finish().await;
+
+        // 6. OOM evidence while the cgroup exists, then delete on every path.
+        let counted = self.cgroups.oom_kills(req.container_id);
+        let sigkilled = matches!(end, RunEnd::Exited { code: 137 });
+        let oom_killed = match counted {
+            Some(n) => n > 0,
+            // No counter to read (crun deletes the cgroup at exit): SIGKILL that we did not send,
+            // under an enforced memory limit.
+            None => sigkilled && self.cgroups.has(Controller::Memory),
+        };
+        guard.cleanup().await;
+
+        // 7. The job's answer.
+        let perf = perf::read_perf(&out_dir);
+        let log_tail = log_tail(&log_path, 2048);
+        Ok(RunReport {
+            end,
+            oom_killed,
+            perf,
+            applied,
+            cgroup_version: self.cgroups.version(),
+            runtime: self.runtime.kind,
+            spec_path,
+            log_path,
+            log_dropped_bytes,
+            duration,
+            log_tail,
+        })
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+fn log_tail(path: &Path, max: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+/// Deletes the container and its state dir when the run ends, however it ends. `cleanup` does
+/// it asynchronously; if the future is dropped first, `Drop` does it with blocking commands.
+struct ContainerGuard {
+    runtime: Runtime,
+    state_dir: PathBuf,
+    id: String,
+    armed: bool,
+}
+
+impl ContainerGuard {
+    fn new(runtime: &Runtime, state_dir: &Path, id: &str) -> Self {
+        Self { runtime: runtime.clone(), state_dir: state_dir.to_path_buf(), id: id.to_string(), armed: true }
+    }
+
+    async fn cleanup(&mut self) {
+        if let Err(e) = self.runtime.delete(&self.state_dir, &self.id).await {
+            tracing::debug!(container = %self.id, error = %e, "delete after run (usually: already gone)");
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        self.armed = false;
+    }
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for verb in [vec!["kill", &self.id, "KILL"], vec!["delete", "--force", &self.id]] {
+            let mut cmd = self.runtime.command(&self.state_dir, &verb).into_std();
+            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            let _ = cmd.status();
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// Copies the container's stdout and stderr into the run log, up to a byte cap; the rest is
+/// drained (so the job never blocks on a full pipe) and counted.
+struct LogPump {
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl LogPump {
+    fn start(
+        log: std::fs::File,
+        cap: u64,
+        stdout: Option<tokio::process::ChildStdout>,
+        stderr: Option<tokio::process::ChildStderr>,
+    ) -> Self {
+        let log = std::sync::Arc::new(std::sync::Mutex::new((log, 0u64, 0u64)));
+        async fn pump(
+            mut r: impl AsyncRead + Unpin,
+            log: std::sync::Arc<std::sync::Mutex<(std::fs::File, u64, u64)>>,
+            cap: u64,
+        ) {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut g = log.lock().expect("log lock");
+                let (file, written, dropped) = &mut *g;
+                let room = cap.saturating_sub(*written) as usize;
+                let keep = n.min(room);
+                if keep > 0 && file.write_all(&buf[..keep]).is_ok() {
+                    *written += keep as u64;
+                }
+                if keep < n {
+                    if *dropped == 0 {
+                        let _ = writeln!(file, "\n[perfbox: log capped at {cap} bytes; further output dropped]");
+                    }
+                    *dropped += (n - keep) as u64;
+                }
+            }
+        }
+        let task = tokio::spawn(async move {
+            let a = stdout.map(|s| tokio::spawn(pump(s, log.clone(), cap)));
+            let b = stderr.map(|s| tokio::spawn(pump(s, log.clone(), cap)));
+            for t in [a, b].into_iter().flatten() {
+                let _ = t.await;
+            }
+            let g = log.lock().expect("log lock");
+            g.2
+        });
+        Self { task }
+    }
+
+    /// Wait for both pipes to close (bounded: every writer died with the pid namespace).
+    async fn finish(self) -> u64 {
+        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
+            Ok(Ok(dropped)) => dropped,
+            _ => 0,
+        }
+    }
+}

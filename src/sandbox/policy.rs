@@ -1,0 +1,103 @@
+//! Job limits: the defaults shipped in `sandbox/policy.toml`, overridable by the service config,
+//! and the record of which of them the host really applied to a run.
+
+use serde::{Deserialize, Serialize};
+
+/// The policy file shipped with perfbox; its values are the defaults of [`Limits`].
+pub const DEFAULT_POLICY_TOML: &str = include_str!("../../sandbox/policy.toml");
+
+/// Resource limits requested for every job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory limit in bytes (cgroup); no extra swap.
+    pub memory_bytes: u64,
+    /// Maximum number of tasks in the container (cgroup pids.max).
+    pub pids: u64,
+    /// CPU quota in thousandths of a CPU (cgroup cpu quota/period).
+    pub cpu_millicores: u64,
+    /// Size of the tmpfs mounted at /tmp.
+    pub tmpfs_bytes: u64,
+    /// RLIMIT_NOFILE.
+    pub nofile: u64,
+    /// RLIMIT_NPROC (per host uid: a backstop, not a per-job limit).
+    pub nproc: u64,
+    /// RLIMIT_FSIZE.
+    pub fsize_bytes: u64,
+    /// Wall-clock limit of one run, in seconds.
+    pub timeout_secs: u64,
+    /// Bytes of stdout+stderr kept per run.
+    pub log_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        toml::from_str(DEFAULT_POLICY_TOML).expect("sandbox/policy.toml is valid (tested)")
+    }
+}
+
+/// How one limit was (or was not) enforced for a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum Enforcement {
+    /// Enforced by a cgroup controller file.
+    Cgroup {
+        /// e.g. "v1 memory.limit_in_bytes" or "v2 memory.max".
+        control: String,
+        /// The value written.
+        value: String,
+    },
+    /// Enforced by a process rlimit (weaker than a cgroup; see `note`).
+    Rlimit {
+        /// e.g. "RLIMIT_AS".
+        name: String,
+        /// The value set.
+        value: u64,
+        /// What this does not cover.
+        note: String,
+    },
+    /// Enforced by the sandbox itself (timeout, log cap, tmpfs size).
+    Sandbox {
+        /// Human description.
+        value: String,
+    },
+    /// Not enforced on this host.
+    NotApplied {
+        /// Why not.
+        reason: String,
+    },
+}
+
+/// What really applied to one run, limit by limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedLimits {
+    /// Memory.
+    pub memory: Enforcement,
+    /// Number of tasks.
+    pub pids: Enforcement,
+    /// CPU.
+    pub cpu: Enforcement,
+    /// Open files.
+    pub nofile: Enforcement,
+    /// Size of any file written.
+    pub fsize: Enforcement,
+    /// /tmp size.
+    pub tmpfs: Enforcement,
+    /// Wall clock.
+    pub timeout: Enforcement,
+    /// Log size.
+    pub log: Enforcement,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_policy_parses() {
+        let l = Limits::default();
+        assert_eq!(l.memory_bytes, 512 << 20);
+        assert_eq!(l.pids, 256);
+        assert!(l.timeout_secs > 0 && l.log_bytes > 0);
+    }
+}
