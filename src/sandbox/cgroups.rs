@@ -97,15 +97,28 @@ impl CgroupHost {
                 .collect();
             return CgroupHost::V2 { parent: format!("/{rel}"), controllers };
         }
+        // runc joins every v1 hierarchy at an explicit cgroupsPath and fails on the first one it
+        // cannot write, so all of them need a dir of ours, not just the limiting ones.
+        let hierarchies: Vec<String> = std::fs::read_dir(root)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir() && e.file_name() != "unified")
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let missing: Vec<&str> =
+            hierarchies.iter().map(String::as_str).filter(|h| !owned(&root.join(h).join(rel))).collect();
         let controllers: Vec<_> = Controller::ALL
             .into_iter()
-            .filter(|c| owned(&root.join(c.name()).join(rel)))
+            .filter(|c| hierarchies.iter().any(|h| h == c.name()))
             .collect();
-        if controllers.is_empty() {
+        if hierarchies.is_empty() || !missing.is_empty() || controllers.is_empty() {
             CgroupHost::Unavailable {
                 reason: format!(
-                    "cgroup v1: no {}/{{memory,pids,cpu}}/{rel} directory owned by uid {uid} (run scripts/setup as root)",
-                    root.display()
+                    "cgroup v1: {}/{{{}}}/{rel} not owned by uid {uid} (run scripts/setup as root)",
+                    root.display(),
+                    if missing.is_empty() { "memory,pids,cpu".to_string() } else { missing.join(",") }
                 ),
             }
         } else {
@@ -184,7 +197,11 @@ mod tests {
         let v1 = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(v1.path().join("memory/perfbox")).unwrap();
         std::fs::create_dir_all(v1.path().join("pids/perfbox")).unwrap();
-        std::fs::create_dir_all(v1.path().join("cpu")).unwrap();
+        std::fs::create_dir_all(v1.path().join("freezer")).unwrap();
+        // A hierarchy without our dir makes runc fail, so nothing is usable.
+        assert!(matches!(CgroupHost::detect_in(v1.path(), uid, "/perfbox"), CgroupHost::Unavailable { .. }));
+        std::fs::create_dir_all(v1.path().join("freezer/perfbox")).unwrap();
+        std::fs::create_dir_all(v1.path().join("unified")).unwrap();
         let h = CgroupHost::detect_in(v1.path(), uid, "/perfbox");
         assert_eq!(h, CgroupHost::V1 { parent: "/perfbox".into(), controllers: vec![Controller::Memory, Controller::Pids] });
         assert_eq!(h.cgroups_path("job-1").as_deref(), Some("/perfbox/job-1"));

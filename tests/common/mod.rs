@@ -1,0 +1,123 @@
+//! Shared helpers for the integration tests: a real busybox root filesystem, job directories the
+//! unprivileged perfbox user can reach, process scans, and honest skips (libtest-mimic trials
+//! marked ignored, with the host's reason in the name).
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The unprivileged user setup creates.
+pub const PERFBOX_USER: &str = "perfbox";
+/// perfbox's state dir (0755, owned by perfbox): test dirs live below it so perfbox can reach them.
+pub const STATE: &str = "/var/lib/perfbox";
+/// The rootless buildkitd socket.
+pub const BUILDKIT_SOCKET: &str = "/run/perfbox/buildkit/buildkitd.sock";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Fail loudly (not skip) when the environment that setup provides is missing.
+pub fn require_setup() {
+    assert!(
+        nix::unistd::User::from_name(PERFBOX_USER).ok().flatten().is_some(),
+        "user {PERFBOX_USER} missing: run `sudo scripts/setup` first (README, Quick start)"
+    );
+}
+
+/// A fresh directory under /var/lib/perfbox/test, removed on drop.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> Self {
+        let base = Path::new(STATE).join("test");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = base.join(format!("{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TestDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A busybox root filesystem (Debian's busybox-static plus applet links), owned by perfbox as a
+/// built image would be. Built once per test binary.
+pub fn busybox_rootfs() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let root = Path::new(STATE).join("test").join(format!("rootfs-busybox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "data", "proc", "sys", "dev", "root", "home/user"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        let list = Command::new("/bin/busybox").arg("--list-full").output().unwrap();
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            let p = root.join(applet);
+            if !p.exists() {
+                std::os::unix::fs::symlink("/bin/busybox", p).unwrap();
+            }
+        }
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
+        let st = Command::new("chown").args(["-R", PERFBOX_USER]).arg(&root).status().unwrap();
+        assert!(st.success());
+        root
+    })
+    .clone()
+}
+
+/// Remove the shared rootfs at the end of a test binary.
+pub fn remove_busybox_rootfs() {
+    let root = Path::new(STATE).join("test").join(format!("rootfs-busybox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// pids whose command line contains `marker` (a scan of /proc, like `ps`).
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Whether the host has the unified cgroup v2 hierarchy.
+pub fn cgroup_v2_host() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// A trial that is ignored, with the reason in its name (libtest prints it as "ignored").
+pub fn skipped(name: &str, reason: &str) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::test(format!("{name} [SKIPPED: {reason}]"), || Ok(())).with_ignored_flag(true)
+}
+
+/// Run an async test body on a fresh runtime, turning panics into failures with the message.
+pub fn block_on<F: std::future::Future<Output = ()>>(f: F) -> Result<(), libtest_mimic::Failed> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(f);
+    Ok(())
+}
