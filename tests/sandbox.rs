@@ -89,7 +89,7 @@ fn probe(kind: RuntimeKind) -> Result<(), String> {
             let job = TestDir::new("probe");
             let r = run_with(&sb, &job, &shell(SAMPLE), None, CancellationToken::new()).await;
             if r.perf.is_err() {
-                panic!("{}", r.log_tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output"));
+                panic!("{}", first_error_line(&r.log_tail));
             }
         })
     });

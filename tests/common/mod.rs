@@ -121,3 +121,14 @@ pub fn block_on<F: std::future::Future<Output = ()>>(f: F) -> Result<(), libtest
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(f);
     Ok(())
 }
+
+/// The most telling line of a runtime's error output: the first that mentions an error, else the
+/// last non-empty one.
+pub fn first_error_line(text: &str) -> String {
+    text.lines()
+        .find(|l| l.to_lowercase().contains("error"))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("no output")
+        .trim()
+        .to_string()
+}
