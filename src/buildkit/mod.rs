@@ -1,1 +1,198 @@
-//! BuildKit client (gRPC control API and session protocol).
+//! BuildKit client: builds a Dockerfile with a (rootless) buildkitd spoken to directly over its
+//! gRPC API, and unpacks the result into a rootfs directory.
+//!
+//! One build is one `Control.Solve` through the *gateway forwarder*, so a single solve returns
+//! both the image config and the filesystem:
+//!
+//! 1. `Control.Session` opens the session tunnel; we serve Health, FileSend (and Auth if
+//!    credentials are configured) on it ([`session`]).
+//! 2. `Control.Status` streams progress into a [`BuildLog`] ([`status`]).
+//! 3. `Control.Solve{ref, session, exporters: [tar]}` without a frontend holds the build open.
+//! 4. `LLBBridge.Solve{dockerfile.v0, evaluate}` (metadata `buildkit-controlapi-buildid: ref`)
+//!    runs the Dockerfile, whose text travels as an LLB mkfile [`definition`]; its result carries
+//!    `containerimage.config`.
+//! 5. `LLBBridge.Return{result}` hands the result back; the daemon then runs the tar exporter,
+//!    which streams the rootfs over the session's `FileSend/DiffCopy` into the unpacker
+//!    ([`export`]), and `Control.Solve` returns.
+//!
+//! Errors are typed ([`BuildError`]); dropping a build future (or cancelling its token) cancels
+//! the solve on the daemon. This module owns the gRPC and session protocol and nothing else.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod definition;
+mod error;
+mod export;
+mod proto;
+mod session;
+mod status;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use self::client::BuildkitClient;
+pub use self::definition::DefinitionError;
+pub use self::error::{BuildError, ExportError};
+pub use self::export::{UnpackStats, unpack_tar};
+pub use self::session::auth::RegistryCredentials;
+pub use self::status::{BuildLog, FileLog, MemoryLog, NullLog};
+use crate::image::ImageConfig;
+
+/// Network for `RUN` steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BuildNetwork {
+    /// `force-network-mode=none`: `RUN` steps get a network namespace with only `lo`. They cannot
+    /// reach the host's 127.0.0.1 (where the perfbox API and the registry listen) or anything else.
+    /// This is a security requirement, hence the default.
+    #[default]
+    None,
+    /// `force-network-mode=sandbox`: BuildKit's default network. **On the perfbox host this is
+    /// the host network**, because buildkitd runs under `rootlesskit --net=host`: `RUN` steps can
+    /// then reach every host loopback service. perfbox's config must refuse it unless explicitly
+    /// allowed; this client only exposes the option.
+    Sandbox,
+}
+
+impl BuildNetwork {
+    /// The `force-network-mode` frontend option value.
+    pub fn as_frontend_value(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Sandbox => "sandbox",
+        }
+    }
+}
+
+/// One Dockerfile build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// The Dockerfile text. It is the whole build context: `COPY`/`ADD` from the context only
+    /// see this Dockerfile itself (perfbox receives no other files).
+    pub dockerfile: Vec<u8>,
+    /// `--build-arg NAME=value` pairs.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target` stage name; `None` builds the last stage.
+    pub target: Option<String>,
+    /// Target platform such as `linux/amd64`; `None` is the daemon's default. One platform only.
+    pub platform: Option<String>,
+    /// Network for `RUN` steps (default: none).
+    pub network: BuildNetwork,
+    /// Where the image filesystem is unpacked. Must not exist or be an empty directory; on
+    /// failure it may hold a partial tree (the caller owns and removes it).
+    pub rootfs_dir: PathBuf,
+    /// Ignore BuildKit's cache for every step (`no-cache`).
+    pub no_cache: bool,
+    /// Cancelling this token cancels the build on the daemon; [`BuildkitClient::build`] then
+    /// returns [`BuildError::Cancelled`]. Dropping the build future has the same effect.
+    pub cancel: CancellationToken,
+}
+
+impl BuildRequest {
+    /// A request with defaults: no build args, last stage, default platform, no network.
+    pub fn new(dockerfile: impl Into<Vec<u8>>, rootfs_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dockerfile: dockerfile.into(),
+            build_args: BTreeMap::new(),
+            target: None,
+            platform: None,
+            network: BuildNetwork::None,
+            rootfs_dir: rootfs_dir.into(),
+            no_cache: false,
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+/// A finished build.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// The unpacked image filesystem (= [`BuildRequest::rootfs_dir`]).
+    pub rootfs: PathBuf,
+    /// Entrypoint/Cmd/Env/WorkingDir/User of the image.
+    pub config: ImageConfig,
+    /// `sha256:` of the image config JSON as the frontend returned it. Stable for identical
+    /// builds; not the digest a registry would show (the exporter adds layer diff_ids).
+    pub config_digest: Option<String>,
+    /// Dockerfile steps BuildKit took from its cache.
+    pub cached_steps: usize,
+    /// Dockerfile steps (`[N/M] ...` vertices) in the build.
+    pub total_steps: usize,
+    /// Size of the exported tar stream.
+    pub export_bytes: u64,
+    /// From the first tar byte received to the last file written.
+    pub export_duration: Duration,
+    /// Whole build, from the call to the return.
+    pub duration: Duration,
+}
+
+impl BuiltImage {
+    /// Export throughput in MB/s (10^6 bytes), 0 if too fast to measure.
+    pub fn export_mb_per_s(&self) -> f64 {
+        let secs = self.export_duration.as_secs_f64();
+        if secs > 0.0 {
+            self.export_bytes as f64 / 1e6 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What [`BuildkitClient::health`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonInfo {
+    /// `buildkit_version.version`, e.g. `v0.13.2+debian-...`.
+    pub version: String,
+    /// The daemon's workers.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// One BuildKit worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Worker id.
+    pub id: String,
+    /// Platforms as `os/arch[/variant]`.
+    pub platforms: Vec<String>,
+    /// Worker labels (`org.mobyproject.buildkit.worker.*`).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Something that builds images; [`BuildkitClient`] is the real one, tests of the job service can
+/// substitute a fake.
+pub trait ImageBuilder: Send + Sync {
+    /// Build `req`, writing progress to `log`.
+    fn build_image(
+        &self,
+        req: BuildRequest,
+        log: Arc<dyn BuildLog>,
+    ) -> BoxFuture<'_, Result<BuiltImage, BuildError>>;
+}
+
+/// A spawned task that is aborted when this handle is dropped, so that no background work of a
+/// build outlives the build future.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    pub(crate) fn new(handle: JoinHandle<T>) -> Self {
+        Self(handle)
+    }
+
+    /// Wait for the task (it is aborted if this future is dropped).
+    pub(crate) async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
