@@ -26,9 +26,7 @@ use super::proto::{RpcStatus, pb};
 use super::session::Session;
 use super::session::auth::RegistryCredentials;
 use super::status::{BuildLog, StatusSummary, StatusTracker};
-use super::{
-    AbortOnDrop, BuildRequest, BuiltImage, DaemonInfo, ImageBuilder, WorkerInfo,
-};
+use super::{AbortOnDrop, BuildRequest, BuiltImage, DaemonInfo, ImageBuilder, WorkerInfo};
 use crate::image::ImageConfig;
 
 /// Connect timeout, and the bound on health checks: a dead daemon is reported within this.
@@ -110,11 +108,12 @@ impl BuildkitClient {
                 }))
             }
             Target::Tcp(hostport) => {
-                let endpoint = Endpoint::from_shared(format!("http://{hostport}")).map_err(|e| {
-                    BuildError::InvalidRequest {
-                        message: format!("bad buildkitd address {addr:?}: {e}"),
-                    }
-                })?;
+                let endpoint =
+                    Endpoint::from_shared(format!("http://{hostport}")).map_err(|e| {
+                        BuildError::InvalidRequest {
+                            message: format!("bad buildkitd address {addr:?}: {e}"),
+                        }
+                    })?;
                 tune(endpoint)
                     .tcp_keepalive(Some(Duration::from_secs(30)))
                     .connect_lazy()
@@ -363,7 +362,8 @@ impl BuildkitClient {
             }
             return Err(error::classify(&status));
         }
-        let export = export.map_err(|_| super::ExportError::Task("unpacker did not finish".into()))??;
+        let export =
+            export.map_err(|_| super::ExportError::Task("unpacker did not finish".into()))??;
 
         log.line(&format!(
             "unpacked {} entries ({:.1} MB) into {} in {:.2}s, skipped {} device nodes/FIFOs",
@@ -536,12 +536,7 @@ async fn stream_status(
     log: Arc<dyn BuildLog>,
 ) -> StatusSummary {
     let mut tracker = StatusTracker::new(log);
-    match control
-        .status(StatusRequest {
-            r#ref: build_ref,
-        })
-        .await
-    {
+    match control.status(StatusRequest { r#ref: build_ref }).await {
         Ok(resp) => {
             let mut stream = resp.into_inner();
             loop {
@@ -567,9 +562,13 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert!(matches!(parse_addr("unix:///run/b.sock"), Ok(Target::Unix(p)) if p == PathBuf::from("/run/b.sock")));
+        assert!(
+            matches!(parse_addr("unix:///run/b.sock"), Ok(Target::Unix(p)) if p == PathBuf::from("/run/b.sock"))
+        );
         assert!(matches!(parse_addr("/run/b.sock"), Ok(Target::Unix(_))));
-        assert!(matches!(parse_addr("tcp://127.0.0.1:1234"), Ok(Target::Tcp(h)) if h == "127.0.0.1:1234"));
+        assert!(
+            matches!(parse_addr("tcp://127.0.0.1:1234"), Ok(Target::Tcp(h)) if h == "127.0.0.1:1234")
+        );
         assert!(parse_addr("unix://relative.sock").is_err());
         assert!(parse_addr("tcp://nohost").is_err());
         assert!(parse_addr("http://x:1").is_err());
@@ -579,7 +578,10 @@ mod tests {
     fn frontend_options_defaults_to_no_network() {
         let req = BuildRequest::new("FROM busybox\n", "/tmp/x");
         let opts = frontend_options(&req).expect("valid");
-        assert_eq!(opts.get("force-network-mode").map(String::as_str), Some("none"));
+        assert_eq!(
+            opts.get("force-network-mode").map(String::as_str),
+            Some("none")
+        );
         assert_eq!(opts.len(), 1);
     }
 
@@ -613,7 +615,10 @@ mod tests {
             ..Default::default()
         };
         let (config, digest) = image_config(&result).expect("config");
-        assert_eq!(config.cmd, Some(vec!["cat".to_owned(), "/built".to_owned()]));
+        assert_eq!(
+            config.cmd,
+            Some(vec!["cat".to_owned(), "/built".to_owned()])
+        );
         assert_eq!(config.user.as_deref(), Some("1000"));
         assert!(digest.expect("digest").starts_with("sha256:"));
 

@@ -40,7 +40,9 @@ pub enum DefinitionError {
         message: String,
     },
     /// The last op is not a terminal op (no payload, exactly one input).
-    #[error("last op must be a terminal op with exactly one input (has {inputs} inputs, payload: {has_payload})")]
+    #[error(
+        "last op must be a terminal op with exactly one input (has {inputs} inputs, payload: {has_payload})"
+    )]
     BadTerminal {
         /// Number of inputs of the last op.
         inputs: usize,
@@ -136,7 +138,10 @@ pub(crate) fn dockerfile_definition(dockerfile: &[u8]) -> Result<pb::Definition,
     metadata.insert(
         terminal_digest,
         pb::OpMetadata {
-            caps: BTreeMap::from([("constraints".to_owned(), true), ("platform".to_owned(), true)]),
+            caps: BTreeMap::from([
+                ("constraints".to_owned(), true),
+                ("platform".to_owned(), true),
+            ]),
             ..Default::default()
         },
     );
@@ -244,8 +249,18 @@ mod tests {
         // 22 <len> 12 <len> 08 ff×9 01 10 ff×9 01 2a <len> 0a 0b "/Dockerfile" 10 a4 03 1a <len> <data> 28 ff×9 01
         assert_eq!(a[0], 0x22, "field 4 (file op)");
         assert_eq!(a[2], 0x12, "FileOp.actions");
-        assert_eq!(&a[4..15], &[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
-        assert_eq!(&a[15..26], &[0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(
+            &a[4..15],
+            &[
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+            ]
+        );
+        assert_eq!(
+            &a[15..26],
+            &[
+                0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+            ]
+        );
         assert_eq!(a[26], 0x2a, "mkfile action");
         assert_eq!(&a[28..30], &[0x0a, 0x0b]);
         assert_eq!(&a[30..41], b"/Dockerfile");
@@ -289,14 +304,20 @@ mod tests {
 
     #[test]
     fn rejects_empty() {
-        assert_eq!(validate(&pb::Definition::default()), Err(DefinitionError::Empty));
+        assert_eq!(
+            validate(&pb::Definition::default()),
+            Err(DefinitionError::Empty)
+        );
     }
 
     #[test]
     fn rejects_digest_without_sha256_prefix() {
         // The exact case that crashed buildkitd v0.13.2.
         let mut o = ops(&dockerfile_definition(DOCKERFILE).expect("valid"));
-        let hex_only = o[1].inputs[0].digest.trim_start_matches("sha256:").to_owned();
+        let hex_only = o[1].inputs[0]
+            .digest
+            .trim_start_matches("sha256:")
+            .to_owned();
         o[1].inputs[0].digest = hex_only.clone();
         assert_eq!(
             validate(&from_ops(&o)),

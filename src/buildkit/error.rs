@@ -218,6 +218,9 @@ pub(crate) fn classify_parts(
     message: String,
     details: ErrorDetails,
 ) -> BuildError {
+    if is_daemon_shutdown(&message) {
+        return BuildError::DaemonLost { message };
+    }
     if code == tonic::Code::Cancelled && message.contains("context canceled") {
         return BuildError::Cancelled;
     }
@@ -237,6 +240,13 @@ pub(crate) fn classify_parts(
         return BuildError::DockerfileSyntax { line, message };
     }
     BuildError::Other { message }
+}
+
+/// Messages with which a stopping buildkitd (SIGTERM) or its gRPC server fails running builds.
+fn is_daemon_shutdown(message: &str) -> bool {
+    message.contains("SIGTERM/SIGINTs, forcing shutdown")
+        || message.contains("grpc: the server has been stopped")
+        || message.contains("transport is closing")
 }
 
 /// Other frontend messages that are about the Dockerfile's text, not its execution.
@@ -299,12 +309,18 @@ mod tests {
     #[test]
     fn decodes_source_line_and_exit_code() {
         let bytes = details_bytes(vec![
-            any("github.com/moby/buildkit/stack.Stack+json", r#"{"frames":[]}"#),
+            any(
+                "github.com/moby/buildkit/stack.Stack+json",
+                r#"{"frames":[]}"#,
+            ),
             any(
                 "github.com/moby/buildkit/errdefs.Source+json",
                 r#"{"info":{"filename":"Dockerfile","data":"RlJN"},"ranges":[{"start":{"line":2},"end":{"line":2}}]}"#,
             ),
-            any("github.com/moby/buildkit/errdefs.Vertex+json", r#"{"digest":"sha256:ab"}"#),
+            any(
+                "github.com/moby/buildkit/errdefs.Vertex+json",
+                r#"{"digest":"sha256:ab"}"#,
+            ),
             any(
                 "github.com/moby/buildkit/frontend/gateway/pb.ExitMessage+json",
                 r#"{"Code":3}"#,
@@ -323,7 +339,10 @@ mod tests {
 
     #[test]
     fn garbage_details_are_ignored() {
-        assert_eq!(ErrorDetails::decode(b"\xff\xff\x00"), ErrorDetails::default());
+        assert_eq!(
+            ErrorDetails::decode(b"\xff\xff\x00"),
+            ErrorDetails::default()
+        );
         let bytes = details_bytes(vec![any("x/errdefs.Source+json", "not json")]);
         assert_eq!(ErrorDetails::decode(&bytes).line, None);
     }
@@ -351,11 +370,19 @@ mod tests {
         };
         assert!(matches!(
             classify_parts(tonic::Code::Unknown, msg.into(), d),
-            BuildError::RunFailed { exit_code: Some(3), line: Some(2), .. }
+            BuildError::RunFailed {
+                exit_code: Some(3),
+                line: Some(2),
+                ..
+            }
         ));
         assert!(matches!(
             classify_parts(tonic::Code::Unknown, msg.into(), ErrorDetails::default()),
-            BuildError::RunFailed { exit_code: Some(3), line: None, .. }
+            BuildError::RunFailed {
+                exit_code: Some(3),
+                line: None,
+                ..
+            }
         ));
     }
 
@@ -372,8 +399,21 @@ mod tests {
     }
 
     #[test]
+    fn daemon_shutdown_is_daemon_lost() {
+        let msg = "got 1 SIGTERM/SIGINTs, forcing shutdown";
+        assert!(matches!(
+            classify_parts(tonic::Code::Unknown, msg.into(), ErrorDetails::default()),
+            BuildError::DaemonLost { ref message } if message == msg
+        ));
+    }
+
+    #[test]
     fn other_errors_keep_message() {
-        let e = classify_parts(tonic::Code::Unknown, "weird".into(), ErrorDetails::default());
+        let e = classify_parts(
+            tonic::Code::Unknown,
+            "weird".into(),
+            ErrorDetails::default(),
+        );
         assert!(matches!(e, BuildError::Other { ref message } if message == "weird"));
         assert_eq!(e.to_string(), "build failed: weird");
     }
@@ -389,13 +429,18 @@ mod tests {
             addr: "unix:///x.sock".into(),
             message: "refused".into(),
         };
-        assert_eq!(e.to_string(), "buildkitd at unix:///x.sock is unavailable: refused");
+        assert_eq!(
+            e.to_string(),
+            "buildkitd at unix:///x.sock is unavailable: refused"
+        );
     }
 
     #[test]
     fn transport_errors_are_recognised() {
         assert!(is_transport_error(&tonic::Status::unavailable("x")));
-        assert!(is_transport_error(&tonic::Status::unknown("transport error")));
+        assert!(is_transport_error(&tonic::Status::unknown(
+            "transport error"
+        )));
         assert!(!is_transport_error(&tonic::Status::unknown("exit code: 3")));
     }
 }

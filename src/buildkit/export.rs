@@ -349,7 +349,10 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let tar = tar_with(&[("/abs", tar::EntryType::Regular, b"in", None)]);
         unpack_tar(tar.as_slice(), t.path()).expect("unpack");
-        assert_eq!(std::fs::read_to_string(t.path().join("abs")).expect("file"), "in");
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("abs")).expect("file"),
+            "in"
+        );
     }
 
     #[test]
@@ -402,7 +405,9 @@ mod tests {
         let tar = tar_with(&[("big", tar::EntryType::Regular, &big, None)]);
         let (sink, unpacker) = start(t.path().to_path_buf());
         for chunk in tar.chunks(100_000) {
-            sink.send(Bytes::copy_from_slice(chunk)).await.expect("send");
+            sink.send(Bytes::copy_from_slice(chunk))
+                .await
+                .expect("send");
         }
         drop(sink);
         let out = unpacker.finish().await.expect("finish");

@@ -120,9 +120,11 @@ pub struct BuiltImage {
     /// `sha256:` of the image config JSON as the frontend returned it. Stable for identical
     /// builds; not the digest a registry would show (the exporter adds layer diff_ids).
     pub config_digest: Option<String>,
-    /// Dockerfile steps BuildKit took from its cache.
+    /// Of [`Self::total_steps`], those BuildKit took from its cache.
     pub cached_steps: usize,
-    /// Dockerfile steps (`[N/M] ...` vertices) in the build.
+    /// Dockerfile steps (`[N/M] ...` vertices: RUN, COPY, WORKDIR, ...) the build needed. `FROM`
+    /// is not counted (an image source is resolved, never run or reported cached); metadata-only
+    /// instructions (CMD, ENV, USER, ...) have no vertex.
     pub total_steps: usize,
     /// Size of the exported tar stream.
     pub export_bytes: u64,

@@ -91,7 +91,7 @@ impl BuildLog for MemoryLog {
 /// What the status stream told us, once it ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct StatusSummary {
-    /// Dockerfile steps (`[N/M] ...` and `[stage N/M] ...` vertices).
+    /// Dockerfile steps (`[N/M] ...` and `[stage N/M] ...` vertices, FROM excluded).
     pub total_steps: usize,
     /// Of those, the ones BuildKit took from its cache.
     pub cached_steps: usize,
@@ -101,7 +101,8 @@ pub(crate) struct StatusSummary {
 
 #[derive(Debug, Default)]
 struct VertexState {
-    number: usize,
+    /// `#N` in the log, assigned when the vertex first prints something.
+    number: Option<usize>,
     name: String,
     announced: bool,
     cached: bool,
@@ -133,27 +134,34 @@ impl StatusTracker {
         self.log.line(line);
     }
 
-    fn vertex(&mut self, digest: &str) -> &mut VertexState {
-        let next = &mut self.next_number;
-        self.vertices.entry(digest.to_owned()).or_insert_with(|| {
-            let v = VertexState {
-                number: *next,
-                ..Default::default()
-            };
-            *next += 1;
-            v
-        })
+    /// The state of `digest` and its log number (assigned now if it had none).
+    fn vertex(&mut self, digest: &str) -> (&mut VertexState, usize) {
+        let st = self.vertices.entry(digest.to_owned()).or_default();
+        let n = *st.number.get_or_insert_with(|| {
+            self.next_number += 1;
+            self.next_number - 1
+        });
+        (st, n)
     }
 
     pub(crate) fn apply(&mut self, resp: &StatusResponse) {
         let mut out = Vec::new();
         for v in &resp.vertexes {
-            let st = self.vertex(&v.digest);
+            let visible = v.started.is_some() || v.cached || v.completed.is_some();
+            if !visible && !self.vertices.contains_key(&v.digest) {
+                // Not started yet: remember the name, number it when it starts.
+                self.vertices
+                    .entry(v.digest.clone())
+                    .or_default()
+                    .name
+                    .clone_from(&v.name);
+                continue;
+            }
+            let (st, n) = self.vertex(&v.digest);
             if !v.name.is_empty() {
                 st.name.clone_from(&v.name);
             }
-            let n = st.number;
-            if !st.announced && (v.started.is_some() || v.cached || v.completed.is_some()) {
+            if !st.announced && visible {
                 st.announced = true;
                 out.push(format!("#{n} {}", st.name));
             }
@@ -174,32 +182,33 @@ impl StatusTracker {
                 && !st.completed_reported
             {
                 st.completed_reported = true;
-                let secs = (end.seconds - start.seconds) as f64
-                    + f64::from(end.nanos - start.nanos) / 1e9;
+                let secs =
+                    (end.seconds - start.seconds) as f64 + f64::from(end.nanos - start.nanos) / 1e9;
                 out.push(format!("#{n} DONE {secs:.1}s"));
             }
         }
         for s in &resp.statuses {
             if s.completed.is_some() {
-                let n = self.vertex(&s.vertex).number;
+                let n = self.vertex(&s.vertex).1;
                 let id = if s.name.is_empty() { &s.id } else { &s.name };
                 out.push(format!("#{n} {id} done"));
             }
         }
         for l in &resp.logs {
-            let st = self.vertex(&l.vertex);
-            let n = st.number;
+            let (st, n) = self.vertex(&l.vertex);
             let buf = st.partial.entry(l.stream).or_default();
             buf.extend_from_slice(&l.msg);
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let rest = buf.split_off(pos + 1);
-                let line = String::from_utf8_lossy(&buf[..pos]).trim_end_matches('\r').to_owned();
+                let line = String::from_utf8_lossy(&buf[..pos])
+                    .trim_end_matches('\r')
+                    .to_owned();
                 *buf = rest;
                 out.push(format!("#{n} {line}"));
             }
         }
         for w in &resp.warnings {
-            let n = self.vertex(&w.vertex).number;
+            let n = self.vertex(&w.vertex).1;
             out.push(format!("#{n} WARN: {}", String::from_utf8_lossy(&w.short)));
         }
         for line in out {
@@ -210,13 +219,14 @@ impl StatusTracker {
     /// Flush partial output lines and summarise.
     pub(crate) fn finish(&mut self) -> StatusSummary {
         let mut vertices: Vec<&mut VertexState> = self.vertices.values_mut().collect();
-        vertices.sort_by_key(|v| v.number);
+        vertices.sort_by_key(|v| v.number.unwrap_or(usize::MAX));
         let mut summary = StatusSummary::default();
         for v in vertices {
             for (_, buf) in v.partial.drain() {
                 if !buf.is_empty() {
+                    let n = v.number.unwrap_or_default();
                     self.log
-                        .line(&format!("#{} {}", v.number, String::from_utf8_lossy(&buf)));
+                        .line(&format!("#{n} {}", String::from_utf8_lossy(&buf)));
                 }
             }
             if is_dockerfile_step(&v.name) {
@@ -235,13 +245,18 @@ impl StatusTracker {
 
 /// The dockerfile frontend names the vertices of Dockerfile instructions `[N/M] ...` or
 /// `[stage N/M] ...`; internal ones are `[internal] ...` and the export has no brackets.
+/// `FROM` vertices are not counted: they are image sources that BuildKit resolves (and pulls
+/// once), never executes, and never reports as cached.
 fn is_dockerfile_step(name: &str) -> bool {
     let Some(rest) = name.strip_prefix('[') else {
         return false;
     };
-    let Some((label, _)) = rest.split_once(']') else {
+    let Some((label, instruction)) = rest.split_once(']') else {
         return false;
     };
+    if instruction.trim_start().starts_with("FROM ") {
+        return false;
+    }
     let counter = label.rsplit(' ').next().unwrap_or_default();
     matches!(counter.split_once('/'), Some((a, b))
         if !a.is_empty() && !b.is_empty()
@@ -256,13 +271,19 @@ mod tests {
     use super::*;
 
     fn ts(s: i64) -> Option<Timestamp> {
-        Some(Timestamp { seconds: s, nanos: 0 })
+        Some(Timestamp {
+            seconds: s,
+            nanos: 0,
+        })
     }
 
     #[test]
     fn recognises_dockerfile_steps() {
         assert!(is_dockerfile_step("[2/2] RUN echo built > /built"));
-        assert!(is_dockerfile_step("[stage-0 1/2] FROM docker.io/library/busybox"));
+        assert!(!is_dockerfile_step(
+            "[stage-0 1/2] FROM docker.io/library/busybox"
+        ));
+        assert!(is_dockerfile_step("[stage-0 2/2] RUN true"));
         assert!(is_dockerfile_step("[builder 3/4] COPY . ."));
         assert!(!is_dockerfile_step("[internal] load build definition"));
         assert!(!is_dockerfile_step("exporting to client tarball"));
@@ -327,8 +348,9 @@ mod tests {
                 "#2 partial",
             ]
         );
-        assert_eq!(s.total_steps, 2);
-        assert_eq!(s.cached_steps, 1);
+        // FROM is not a step; the RUN ran.
+        assert_eq!(s.total_steps, 1);
+        assert_eq!(s.cached_steps, 0);
         assert!(s.errors.is_empty());
     }
 
@@ -349,8 +371,14 @@ mod tests {
             ..Default::default()
         });
         let s = t.finish();
-        assert_eq!(log.lines(), vec!["#1 [2/2] RUN exit 3", "#1 ERROR: exit code: 3"]);
-        assert_eq!(s.errors, vec![("[2/2] RUN exit 3".to_owned(), "exit code: 3".to_owned())]);
+        assert_eq!(
+            log.lines(),
+            vec!["#1 [2/2] RUN exit 3", "#1 ERROR: exit code: 3"]
+        );
+        assert_eq!(
+            s.errors,
+            vec![("[2/2] RUN exit 3".to_owned(), "exit code: 3".to_owned())]
+        );
     }
 
     #[test]

@@ -97,7 +97,9 @@ impl Auth for AuthService {
         &self,
         _request: Request<FetchTokenRequest>,
     ) -> Result<Response<FetchTokenResponse>, Status> {
-        Err(Status::unimplemented("perfbox does not fetch registry tokens"))
+        Err(Status::unimplemented(
+            "perfbox does not fetch registry tokens",
+        ))
     }
 
     async fn get_token_authority(

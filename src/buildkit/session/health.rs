@@ -33,7 +33,9 @@ impl Health for HealthService {
         &self,
         _request: Request<HealthListRequest>,
     ) -> Result<Response<HealthListResponse>, Status> {
-        Err(Status::unimplemented("Health/List is not served on perfbox sessions"))
+        Err(Status::unimplemented(
+            "Health/List is not served on perfbox sessions",
+        ))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
@@ -42,6 +44,8 @@ impl Health for HealthService {
         &self,
         _request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("Health/Watch is not served on perfbox sessions"))
+        Err(Status::unimplemented(
+            "Health/Watch is not served on perfbox sessions",
+        ))
     }
 }

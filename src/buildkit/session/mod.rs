@@ -28,11 +28,11 @@ use tonic::transport::Channel;
 use self::auth::{AuthService, RegistryCredentials};
 use self::filesend::FileSendService;
 use self::health::HealthService;
+use super::AbortOnDrop;
 use super::export::ExportSink;
 use super::proto::control::{BytesMessage, ControlClient};
 use super::proto::filesync::{AuthServer, FileSendServer};
 use super::proto::health::HealthServer;
-use super::AbortOnDrop;
 
 /// Bytes buffered in each direction of the in-process pipe between tunnel and h2 server.
 const PIPE_BUFFER: usize = 4 << 20;
@@ -75,11 +75,10 @@ impl Session {
         credentials: &RegistryCredentials,
     ) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let mut routes = Routes::new(HealthServer::new(HealthService))
-            .add_service(
-                FileSendServer::new(FileSendService::new(export))
-                    .max_decoding_message_size(MAX_MESSAGE),
-            );
+        let mut routes = Routes::new(HealthServer::new(HealthService)).add_service(
+            FileSendServer::new(FileSendService::new(export))
+                .max_decoding_message_size(MAX_MESSAGE),
+        );
         let mut methods: Vec<&str> = METHODS.to_vec();
         if !credentials.is_empty() {
             routes = routes.add_service(AuthServer::new(AuthService::new(credentials.clone())));
