@@ -8,7 +8,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
     /// `ENTRYPOINT`, exec form (the shell form arrives as `["/bin/sh", "-c", "..."]`).
-    #[serde(rename = "Entrypoint", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub entrypoint: Option<Vec<String>>,
     /// `CMD`, exec form (the shell form arrives as `["/bin/sh", "-c", "..."]`).
     #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
@@ -17,7 +21,11 @@ pub struct ImageConfig {
     #[serde(rename = "Env", default, skip_serializing_if = "Option::is_none")]
     pub env: Option<Vec<String>>,
     /// `WORKDIR`; empty means `/`.
-    #[serde(rename = "WorkingDir", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "WorkingDir",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub working_dir: Option<String>,
     /// `USER`: `name`, `uid`, `name:group` or `uid:gid`; empty means root.
     #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]

@@ -1,1 +1,288 @@
-fn main() {}
+//! The `perfbox` binary: `serve` runs the service; `submit`, `status`, `logs` and `spec` are a
+//! small client of its HTTP API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use perfbox::buildkit::BuildkitClient;
+use perfbox::config::Config;
+use perfbox::jobs::JobService;
+use perfbox::sandbox::runtime::RuntimeKind;
+use perfbox::sandbox::{Sandbox, SandboxConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "perfbox",
+    version,
+    about = "Build a Dockerfile rootless, run it in a hardened sandbox, report its perf"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Submit a Dockerfile (prints the job id; with --wait, follows it and prints perf).
+    Submit {
+        /// The Dockerfile.
+        dockerfile: PathBuf,
+        /// Wait for the result, showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a job's full record.
+    Status {
+        /// Job id.
+        id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a job's build and run logs.
+    Logs {
+        /// Job id.
+        id: i64,
+        /// Keep streaming until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the OCI runtime spec (config.json) a job ran with.
+    Spec {
+        /// Job id.
+        id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Config file (default: /etc/perfbox/config.toml if it exists).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Listen address (overrides config and PERFBOX_BIND).
+    #[arg(long)]
+    bind: Option<String>,
+    /// State directory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// buildkitd address.
+    #[arg(long)]
+    buildkit_addr: Option<String>,
+    /// OCI runtime: runc, crun or youki.
+    #[arg(long)]
+    runtime: Option<RuntimeKind>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// perfbox service URL.
+    #[arg(long, env = "PERFBOX_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Bearer token.
+    #[arg(long, env = "PERFBOX_TOKEN")]
+    token: Option<String>,
+}
+
+impl ClientArgs {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url.trim_end_matches('/')));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    async fn json(&self, path: &str) -> Result<serde_json::Value> {
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.url))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .context("the service answered with something that is not JSON")?;
+        if !status.is_success() {
+            bail!("{status}: {}", body["error"].as_str().unwrap_or("error"));
+        }
+        Ok(body)
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Submit {
+            dockerfile,
+            wait,
+            client,
+        } => submit(&dockerfile, wait, &client).await,
+        Command::Status { id, client } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.json(&format!("/job/{id}")).await?)?
+            );
+            Ok(())
+        }
+        Command::Spec { id, client } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.json(&format!("/job/{id}/spec")).await?)?
+            );
+            Ok(())
+        }
+        Command::Logs { id, follow, client } => {
+            let path = format!("/job/{id}/logs{}", if follow { "?follow=1" } else { "" });
+            let resp = client
+                .request(reqwest::Method::GET, &path)
+                .send()
+                .await
+                .context("cannot reach the service")?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                bail!("{status}: {}", body["error"].as_str().unwrap_or("error"));
+            }
+            let mut stream = resp.bytes_stream();
+            let mut out = tokio::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk?).await?;
+                out.flush().await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "perfbox=info".into()),
+        )
+        .init();
+    let mut cfg = Config::load(args.config.as_deref())?;
+    if let Some(b) = args.bind {
+        cfg.bind = b;
+    }
+    if let Some(s) = args.state_dir {
+        cfg.state_dir = s;
+    }
+    if let Some(a) = args.buildkit_addr {
+        cfg.buildkit_addr = a;
+    }
+    if let Some(r) = args.runtime {
+        cfg.runtime = r;
+    }
+    cfg.validate()?;
+    let addr: SocketAddr = cfg
+        .bind
+        .parse()
+        .with_context(|| format!("bind address {:?}", cfg.bind))?;
+
+    let sandbox = Sandbox::new(SandboxConfig {
+        runtime: cfg.runtime,
+        runtime_user: cfg.runtime_user.clone(),
+        limits: cfg.limits.clone(),
+        cgroup_parent: cfg.cgroup_parent.clone(),
+        seccomp_profile: None,
+    })
+    .context("sandbox")?;
+    tracing::info!(runtime = %cfg.runtime, cgroups = sandbox.cgroups().version(), "sandbox ready");
+    let build_addr = match cfg.build_network {
+        perfbox::config::BuildNetworkSetting::None => cfg.buildkit_addr.clone(),
+        perfbox::config::BuildNetworkSetting::Isolated => cfg.buildkit_net_addr.clone(),
+    };
+    let buildkit = BuildkitClient::connect(&build_addr)
+        .await
+        .context("buildkit client")?;
+    let jobs = JobService::start(cfg.clone(), buildkit, sandbox)
+        .await
+        .context("job service")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, state_dir = %cfg.state_dir.display(), "perfbox listening");
+    axum::serve(listener, perfbox::api::router(jobs))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            tracing::info!("shutting down");
+        })
+        .await?;
+    Ok(())
+}
+
+async fn submit(path: &PathBuf, wait: bool, client: &ClientArgs) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(bytes).file_name(name),
+    );
+    let resp = client
+        .request(reqwest::Method::POST, "/job/build")
+        .multipart(form)
+        .send()
+        .await
+        .context("cannot reach the service")?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await?;
+    if !status.is_success() {
+        bail!("{status}: {}", body["error"].as_str().unwrap_or("error"));
+    }
+    let id = body["id"].as_i64().context("no id in the answer")?;
+    if !wait {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    eprintln!("job {id} submitted");
+    let mut last = String::new();
+    loop {
+        let p = client.json(&format!("/job/performance/{id}")).await?;
+        let st = p["status"].as_str().unwrap_or("").to_string();
+        if st != last {
+            let extra = p["info"]
+                .as_str()
+                .map(|i| format!(" ({i})"))
+                .unwrap_or_default();
+            eprintln!("job {id}: {st}{extra}");
+            last = st.clone();
+        }
+        match st.as_str() {
+            "queued" | "building" | "running" => {
+                tokio::time::sleep(Duration::from_millis(300)).await
+            }
+            "succeeded" => {
+                println!("{}", p["perf"]);
+                return Ok(());
+            }
+            _ => bail!("job {id} {st}: {}", p["error"].as_str().unwrap_or("")),
+        }
+    }
+}

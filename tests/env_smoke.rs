@@ -17,15 +17,28 @@ use libtest_mimic::{Arguments, Failed, Trial};
 fn buildctl_build(dir: &Path, dockerfile: &str, tar: &Path) -> Result<String, String> {
     std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
     let out = Command::new("buildctl")
-        .args(["--addr", &format!("unix://{BUILDKIT_SOCKET}"), "build", "--progress=plain", "--frontend", "dockerfile.v0"])
-        .arg("--local").arg(format!("context={}", dir.display()))
-        .arg("--local").arg(format!("dockerfile={}", dir.display()))
+        .args([
+            "--addr",
+            &format!("unix://{BUILDKIT_SOCKET}"),
+            "build",
+            "--progress=plain",
+            "--frontend",
+            "dockerfile.v0",
+        ])
+        .arg("--local")
+        .arg(format!("context={}", dir.display()))
+        .arg("--local")
+        .arg(format!("dockerfile={}", dir.display()))
         .args(["--opt", "force-network-mode=none", "--output"])
         .arg(format!("type=tar,dest={}", tar.display()))
         .output()
         .map_err(|e| format!("buildctl: {e}"))?;
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    if out.status.success() { Ok(log) } else { Err(log) }
+    if out.status.success() {
+        Ok(log)
+    } else {
+        Err(log)
+    }
 }
 
 /// A bundle: the image built once (FROM busybox + RUN + CMD), unpacked as perfbox.
@@ -52,14 +65,27 @@ fn built_rootfs() -> &'static Path {
 
 fn as_perfbox(argv: &[&str]) -> Command {
     let mut c = Command::new("setpriv");
-    c.args(["--reuid", PERFBOX_USER, "--regid", PERFBOX_USER, "--init-groups", "--"]).args(argv);
+    c.args([
+        "--reuid",
+        PERFBOX_USER,
+        "--regid",
+        PERFBOX_USER,
+        "--init-groups",
+        "--",
+    ])
+    .args(argv);
     c.env("XDG_RUNTIME_DIR", "/tmp").env_remove("NOTIFY_SOCKET");
     c
 }
 
 fn run_ok(c: &mut Command) -> String {
     let out = c.output().unwrap();
-    assert!(out.status.success(), "{c:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -73,24 +99,48 @@ fn run_built_image(runtime: &str) -> Result<String, String> {
     std::fs::create_dir(&data).unwrap();
     run_ok(Command::new("chown").arg(PERFBOX_USER).arg(&data));
     // runc's rootless template, made by the runtime user itself (so the uid map points at it).
-    run_ok(&mut as_perfbox(&["sh", "-c", &format!("cd {} && runc spec --rootless", bundle.path().display())]));
+    run_ok(&mut as_perfbox(&[
+        "sh",
+        "-c",
+        &format!("cd {} && runc spec --rootless", bundle.path().display()),
+    ]));
     let cfg_path = bundle.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
     cfg["root"]["path"] = rootfs.to_string_lossy().into();
     cfg["process"]["terminal"] = false.into();
     cfg["process"]["args"] = serde_json::json!(["sh", "-c", "cat /built > /data/out.txt"]);
-    cfg["mounts"].as_array_mut().unwrap().push(serde_json::json!({
-        "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
-    }));
+    cfg["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
+        }));
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     run_ok(Command::new("chown").arg(PERFBOX_USER).arg(&cfg_path));
     let state = bundle.path().join("state");
     let id = format!("smoke-{runtime}-{}", std::process::id());
-    let out = as_perfbox(&[runtime, "--root", &state.to_string_lossy(), "run", "--bundle", &bundle.path().to_string_lossy(), &id])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    let _ = as_perfbox(&[runtime, "--root", &state.to_string_lossy(), "delete", "--force", &id]).output();
+    let out = as_perfbox(&[
+        runtime,
+        "--root",
+        &state.to_string_lossy(),
+        "run",
+        "--bundle",
+        &bundle.path().to_string_lossy(),
+        &id,
+    ])
+    .stdin(std::process::Stdio::null())
+    .output()
+    .map_err(|e| e.to_string())?;
+    let _ = as_perfbox(&[
+        runtime,
+        "--root",
+        &state.to_string_lossy(),
+        "delete",
+        "--force",
+        &id,
+    ])
+    .output();
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(first_error_line(&err));
@@ -110,8 +160,14 @@ fn daemon_uids(comm: &str) -> Vec<u32> {
 fn daemons_are_not_root() -> Result<(), Failed> {
     for comm in ["buildkitd", "docker-registry", "rootlesskit"] {
         let uids = daemon_uids(comm);
-        assert!(!uids.is_empty(), "{comm} is not running (scripts/setup starts it)");
-        assert!(uids.iter().all(|u| *u != 0), "{comm} runs as root: {uids:?}");
+        assert!(
+            !uids.is_empty(),
+            "{comm} is not running (scripts/setup starts it)"
+        );
+        assert!(
+            uids.iter().all(|u| *u != 0),
+            "{comm} runs as root: {uids:?}"
+        );
     }
     Ok(())
 }
@@ -131,20 +187,47 @@ fn build_run_cannot_reach_host_loopback() -> Result<(), Failed> {
     let read = |name: &str| run_ok(Command::new("tar").args(["-xOf"]).arg(&tar).arg(name));
     assert_eq!(read("net").trim(), "blocked");
     assert_eq!(read("registry").trim(), "blocked");
-    assert_eq!(read("ifaces").split_whitespace().collect::<Vec<_>>(), vec!["lo"]);
-    assert!(listener.accept().is_err(), "a RUN step connected to the host's loopback");
+    assert_eq!(
+        read("ifaces").split_whitespace().collect::<Vec<_>>(),
+        vec!["lo"]
+    );
+    assert!(
+        listener.accept().is_err(),
+        "a RUN step connected to the host's loopback"
+    );
     Ok(())
 }
 
 fn registry_is_read_only_and_serves_base_images() -> Result<(), Failed> {
-    let code = |args: &[&str]| run_ok(Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]).args(args));
+    let code = |args: &[&str]| {
+        run_ok(
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .args(args),
+        )
+    };
     let accept = "Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
-    for image in ["busybox/manifests/latest", "alpine/manifests/latest", "python/manifests/3-slim"] {
-        let c = code(&["-H", accept, &format!("http://127.0.0.1:5000/v2/library/{image}")]);
+    for image in [
+        "busybox/manifests/latest",
+        "alpine/manifests/latest",
+        "python/manifests/3-slim",
+    ] {
+        let c = code(&[
+            "-H",
+            accept,
+            &format!("http://127.0.0.1:5000/v2/library/{image}"),
+        ]);
         assert_eq!(c, "200", "{image} missing from the registry");
     }
-    let upload = code(&["-X", "POST", "http://127.0.0.1:5000/v2/library/busybox/blobs/uploads/"]);
-    assert_ne!(upload, "202", "the registry accepted an upload: it must be read-only");
+    let upload = code(&[
+        "-X",
+        "POST",
+        "http://127.0.0.1:5000/v2/library/busybox/blobs/uploads/",
+    ]);
+    assert_ne!(
+        upload, "202",
+        "the registry accepted an upload: it must be read-only"
+    );
     Ok(())
 }
 
@@ -153,16 +236,29 @@ fn main() {
     let args = Arguments::from_args();
     let mut trials = vec![
         Trial::test("daemons_run_as_the_unprivileged_user", daemons_are_not_root),
-        Trial::test("build_run_step_cannot_reach_host_loopback", build_run_cannot_reach_host_loopback),
-        Trial::test("registry_is_read_only_and_serves_base_images", registry_is_read_only_and_serves_base_images),
+        Trial::test(
+            "build_run_step_cannot_reach_host_loopback",
+            build_run_cannot_reach_host_loopback,
+        ),
+        Trial::test(
+            "registry_is_read_only_and_serves_base_images",
+            registry_is_read_only_and_serves_base_images,
+        ),
     ];
     for runtime in ["runc", "crun", "youki"] {
         let name = format!("buildctl_image_runs_rootless::{runtime}");
         if runtime != "runc" && !cgroup_v2_host() {
             // A cgroup v1 hybrid host: try once, and report a refusal as a skip with its reason.
             if let Err(reason) = run_built_image(runtime) {
-                let reason: String = reason.chars().filter(|c| *c != '[' && *c != ']').take(200).collect();
-                trials.push(skipped(&name, &format!("cgroup v1 hybrid host, {runtime} refuses it: {reason}")));
+                let reason: String = reason
+                    .chars()
+                    .filter(|c| *c != '[' && *c != ']')
+                    .take(200)
+                    .collect();
+                trials.push(skipped(
+                    &name,
+                    &format!("cgroup v1 hybrid host, {runtime} refuses it: {reason}"),
+                ));
                 continue;
             }
         }
@@ -173,7 +269,9 @@ fn main() {
         }));
     }
     let conclusion = libtest_mimic::run(&args, trials);
-    let rootfs = Path::new(STATE).join("test").join(format!("smoke-rootfs-{}", std::process::id()));
+    let rootfs = Path::new(STATE)
+        .join("test")
+        .join(format!("smoke-rootfs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(rootfs);
     conclusion.exit();
 }

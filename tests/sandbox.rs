@@ -32,7 +32,13 @@ fn shell(script: &str) -> ImageConfig {
     }
 }
 
-async fn run_with(sb: &Sandbox, job: &TestDir, image: &ImageConfig, limits: Option<&Limits>, cancel: CancellationToken) -> RunReport {
+async fn run_with(
+    sb: &Sandbox,
+    job: &TestDir,
+    image: &ImageConfig,
+    limits: Option<&Limits>,
+    cancel: CancellationToken,
+) -> RunReport {
     let id = format!("test-{}", job.path().file_name().unwrap().to_string_lossy());
     sb.run(RunRequest {
         job_dir: job.path(),
@@ -67,9 +73,15 @@ fn sample_job(kind: RuntimeKind) {
         let (job, r) = run(kind, &shell(SAMPLE)).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "log: {}", r.log_tail);
         assert_eq!(r.perf, Ok(0.9876));
-        assert!(!job.path().join("runtime").exists(), "runtime state dir left behind");
+        assert!(
+            !job.path().join("runtime").exists(),
+            "runtime state dir left behind"
+        );
         let spec = read_spec(job.path()).unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap()[2], SAMPLE);
+        assert_eq!(
+            spec.process().as_ref().unwrap().args().as_ref().unwrap()[2],
+            SAMPLE
+        );
     })
     .unwrap();
 }
@@ -80,8 +92,12 @@ fn probe(kind: RuntimeKind) -> Result<(), String> {
     std::panic::set_hook(Box::new(|_| {})); // the refusal is reported as the skip reason
     let result = std::panic::catch_unwind(|| {
         block_on(async move {
-            let sb = Sandbox::new(SandboxConfig { runtime: kind, runtime_user: Some(PERFBOX_USER.into()), ..Default::default() })
-                .map_err(|e| e.to_string());
+            let sb = Sandbox::new(SandboxConfig {
+                runtime: kind,
+                runtime_user: Some(PERFBOX_USER.into()),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string());
             let sb = match sb {
                 Ok(s) => s,
                 Err(e) => panic!("{e}"),
@@ -95,7 +111,10 @@ fn probe(kind: RuntimeKind) -> Result<(), String> {
     });
     std::panic::set_hook(hook);
     result.map(|_| ()).map_err(|e| {
-        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
     })
 }
 
@@ -107,8 +126,15 @@ fn tests() -> Vec<Trial> {
         // which is then reported as a skip with the runtime's own words.
         if kind != RuntimeKind::Runc && !cgroup_v2_host() {
             if let Err(reason) = probe(kind) {
-                let reason: String = reason.chars().filter(|c| *c != '[' && *c != ']').take(200).collect();
-                trials.push(skipped(&name, &format!("cgroup v1 hybrid host, {kind} refuses it: {reason}")));
+                let reason: String = reason
+                    .chars()
+                    .filter(|c| *c != '[' && *c != ']')
+                    .take(200)
+                    .collect();
+                trials.push(skipped(
+                    &name,
+                    &format!("cgroup v1 hybrid host, {kind} refuses it: {reason}"),
+                ));
                 continue;
             }
         }
@@ -117,18 +143,38 @@ fn tests() -> Vec<Trial> {
             Ok(())
         }));
     }
-    let t = |name: &str, f: fn()| Trial::test(name.to_string(), move || { f(); Ok(()) });
+    let t = |name: &str, f: fn()| {
+        Trial::test(name.to_string(), move || {
+            f();
+            Ok(())
+        })
+    };
     trials.extend([
-        t("root_maps_to_unprivileged_host_uid_without_capabilities", identity_and_capabilities),
+        t(
+            "root_maps_to_unprivileged_host_uid_without_capabilities",
+            identity_and_capabilities,
+        ),
         t("only_data_and_tmp_are_writable", writable_paths),
-        t("network_namespace_has_only_lo_and_host_loopback_is_unreachable", network_isolation),
-        t("image_user_env_workdir_and_exec_form_are_honoured", image_config_honoured),
-        t("two_jobs_at_once_cannot_see_each_others_data", concurrent_jobs_isolated),
+        t(
+            "network_namespace_has_only_lo_and_host_loopback_is_unreachable",
+            network_isolation,
+        ),
+        t(
+            "image_user_env_workdir_and_exec_form_are_honoured",
+            image_config_honoured,
+        ),
+        t(
+            "two_jobs_at_once_cannot_see_each_others_data",
+            concurrent_jobs_isolated,
+        ),
         t("perf_symlink_to_host_file_is_refused", perf_symlink),
         t("perf_of_1GiB_is_refused_without_reading_it", perf_huge),
         t("perf_fifo_does_not_hang_the_reader", perf_fifo),
         t("perf_garbage_is_a_typed_error", perf_garbage),
-        t("sleep_is_killed_at_the_timeout_and_nothing_is_left", timeout_kills),
+        t(
+            "sleep_is_killed_at_the_timeout_and_nothing_is_left",
+            timeout_kills,
+        ),
         t("sigstopped_job_is_killed_by_the_timeout", sigstop_killed),
         t("cancellation_kills_the_container", cancellation),
         t("fork_bomb_ends_without_harming_the_host", fork_bomb),
@@ -252,15 +298,25 @@ fn concurrent_jobs_isolated() {
 
 fn perf_symlink() {
     block_on(async {
-        let secret = Path::new(STATE).join("test").join(format!("host-secret-{}", std::process::id()));
+        let secret = Path::new(STATE)
+            .join("test")
+            .join(format!("host-secret-{}", std::process::id()));
         std::fs::write(&secret, r#"{"perf": 42}"#).unwrap();
         let script = format!("ln -s {} /data/perf.json", secret.display());
         let (_job, r) = run(RuntimeKind::Runc, &shell(&script)).await;
         let _ = std::fs::remove_file(&secret);
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
-        assert_eq!(r.perf, Err(PerfError::Symlink), "a perf.json symlink must not be followed to the host file");
+        assert_eq!(
+            r.perf,
+            Err(PerfError::Symlink),
+            "a perf.json symlink must not be followed to the host file"
+        );
         // A symlinked parent is refused too: /data itself cannot be swapped, so try a dir link.
-        let (_job, r) = run(RuntimeKind::Runc, &shell("mkdir /data/d; ln -s /etc /data/perf.json")).await;
+        let (_job, r) = run(
+            RuntimeKind::Runc,
+            &shell("mkdir /data/d; ln -s /etc /data/perf.json"),
+        )
+        .await;
         assert_eq!(r.perf, Err(PerfError::Symlink));
     })
     .unwrap();
@@ -282,7 +338,10 @@ fn perf_fifo() {
         let started = Instant::now();
         let (_job, r) = run(RuntimeKind::Runc, &shell("mkfifo /data/perf.json")).await;
         assert_eq!(r.perf, Err(PerfError::NotRegular("FIFO")));
-        assert!(started.elapsed() < Duration::from_secs(20), "reading a FIFO must not block");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "reading a FIFO must not block"
+        );
     })
     .unwrap();
 }
@@ -291,10 +350,18 @@ fn perf_garbage() {
     block_on(async {
         let cases: [(&str, fn(&Result<f64, PerfError>) -> bool); 5] = [
             ("true", |p| *p == Err(PerfError::Missing)),
-            ("echo not json > /data/perf.json", |p| matches!(p, Err(PerfError::NotJson(_)))),
-            (r#"echo '{"perf": "high"}' > /data/perf.json"#, |p| matches!(p, Err(PerfError::NotANumber(_)))),
-            (r#"echo '{"perf": NaN}' > /data/perf.json"#, |p| matches!(p, Err(PerfError::NotFinite(_)))),
-            ("mkdir /data/perf.json", |p| *p == Err(PerfError::NotRegular("directory"))),
+            ("echo not json > /data/perf.json", |p| {
+                matches!(p, Err(PerfError::NotJson(_)))
+            }),
+            (r#"echo '{"perf": "high"}' > /data/perf.json"#, |p| {
+                matches!(p, Err(PerfError::NotANumber(_)))
+            }),
+            (r#"echo '{"perf": NaN}' > /data/perf.json"#, |p| {
+                matches!(p, Err(PerfError::NotFinite(_)))
+            }),
+            ("mkdir /data/perf.json", |p| {
+                *p == Err(PerfError::NotRegular("directory"))
+            }),
         ];
         for (script, ok) in cases {
             let (_job, r) = run(RuntimeKind::Runc, &shell(script)).await;
@@ -305,7 +372,10 @@ fn perf_garbage() {
 }
 
 fn short(timeout_secs: u64) -> Limits {
-    Limits { timeout_secs, ..Limits::default() }
+    Limits {
+        timeout_secs,
+        ..Limits::default()
+    }
 }
 
 fn timeout_kills() {
@@ -314,11 +384,25 @@ fn timeout_kills() {
         let job = TestDir::new("job");
         let limits = short(2);
         let started = Instant::now();
-        let r = run_with(&sandbox(RuntimeKind::Runc), &job, &shell(&format!("sleep {marker}")), Some(&limits), CancellationToken::new()).await;
+        let r = run_with(
+            &sandbox(RuntimeKind::Runc),
+            &job,
+            &shell(&format!("sleep {marker}")),
+            Some(&limits),
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(r.end, RunEnd::TimedOut { after_secs: 2 });
         assert!(started.elapsed() < Duration::from_secs(15));
-        assert!(processes_with(&marker).is_empty(), "processes left: {:?}", processes_with(&marker));
-        assert!(!job.path().join("runtime").exists(), "runtime state left behind");
+        assert!(
+            processes_with(&marker).is_empty(),
+            "processes left: {:?}",
+            processes_with(&marker)
+        );
+        assert!(
+            !job.path().join("runtime").exists(),
+            "runtime state left behind"
+        );
     })
     .unwrap();
 }
@@ -329,9 +413,20 @@ fn sigstop_killed() {
         let job = TestDir::new("job");
         let limits = short(2);
         let script = format!("sh -c 'kill -STOP $$; echo {marker}' ; kill -STOP $$");
-        let r = run_with(&sandbox(RuntimeKind::Runc), &job, &shell(&script), Some(&limits), CancellationToken::new()).await;
+        let r = run_with(
+            &sandbox(RuntimeKind::Runc),
+            &job,
+            &shell(&script),
+            Some(&limits),
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(r.end, RunEnd::TimedOut { after_secs: 2 });
-        assert!(processes_with(&marker).is_empty(), "stopped processes left: {:?}", processes_with(&marker));
+        assert!(
+            processes_with(&marker).is_empty(),
+            "stopped processes left: {:?}",
+            processes_with(&marker)
+        );
     })
     .unwrap();
 }
@@ -346,7 +441,14 @@ fn cancellation() {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             c2.cancel();
         });
-        let r = run_with(&sandbox(RuntimeKind::Runc), &job, &shell(&format!("sleep {marker}")), None, cancel).await;
+        let r = run_with(
+            &sandbox(RuntimeKind::Runc),
+            &job,
+            &shell(&format!("sleep {marker}")),
+            None,
+            cancel,
+        )
+        .await;
         assert_eq!(r.end, RunEnd::Cancelled);
         assert!(processes_with(&marker).is_empty());
         // Dropping the run future midway cleans up too.
@@ -357,7 +459,11 @@ fn cancellation() {
         let fut = run_with(&sb, &job, &img, None, CancellationToken::new());
         let _ = tokio::time::timeout(Duration::from_millis(1500), fut).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(processes_with(&marker2).is_empty(), "dropped run left {:?}", processes_with(&marker2));
+        assert!(
+            processes_with(&marker2).is_empty(),
+            "dropped run left {:?}",
+            processes_with(&marker2)
+        );
     })
     .unwrap();
 }
@@ -365,12 +471,34 @@ fn cancellation() {
 fn fork_bomb() {
     block_on(async {
         let job = TestDir::new("job");
-        let limits = Limits { timeout_secs: 5, pids: 64, ..Limits::default() };
-        let r = run_with(&sandbox(RuntimeKind::Runc), &job, &shell("bomb() { bomb | bomb & }; bomb; sleep 60"), Some(&limits), CancellationToken::new()).await;
-        assert!(matches!(r.end, RunEnd::TimedOut { .. } | RunEnd::Exited { .. }));
-        assert!(matches!(r.applied.pids, Enforcement::Cgroup { .. } | Enforcement::Rlimit { .. }));
+        let limits = Limits {
+            timeout_secs: 5,
+            pids: 64,
+            ..Limits::default()
+        };
+        let r = run_with(
+            &sandbox(RuntimeKind::Runc),
+            &job,
+            &shell("bomb() { bomb | bomb & }; bomb; sleep 60"),
+            Some(&limits),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(
+            r.end,
+            RunEnd::TimedOut { .. } | RunEnd::Exited { .. }
+        ));
+        assert!(matches!(
+            r.applied.pids,
+            Enforcement::Cgroup { .. } | Enforcement::Rlimit { .. }
+        ));
         // The host still forks, and nothing of the bomb is left.
-        assert!(std::process::Command::new("true").status().unwrap().success());
+        assert!(
+            std::process::Command::new("true")
+                .status()
+                .unwrap()
+                .success()
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(processes_with("bomb").is_empty());
     })
@@ -381,10 +509,17 @@ fn memory_limit() {
     block_on(async {
         let sb = sandbox(RuntimeKind::Runc);
         let job = TestDir::new("job");
-        let limits = Limits { memory_bytes: 64 << 20, timeout_secs: 60, ..Limits::default() };
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            timeout_secs: 60,
+            ..Limits::default()
+        };
         let hog = shell(r#"awk 'BEGIN { s = "xxxxxxxxxxxxxxxx"; while (1) { s = s s } }'"#);
         let r = run_with(&sb, &job, &hog, Some(&limits), CancellationToken::new()).await;
-        eprintln!("memory limit enforcement: {:?}, oom_killed={}", r.applied.memory, r.oom_killed);
+        eprintln!(
+            "memory limit enforcement: {:?}, oom_killed={}",
+            r.applied.memory, r.oom_killed
+        );
         match &r.applied.memory {
             Enforcement::Cgroup { .. } => {
                 assert_eq!(r.end, RunEnd::Exited { code: 137 }, "{}", r.log_tail);
@@ -392,7 +527,11 @@ fn memory_limit() {
             }
             Enforcement::Rlimit { .. } => {
                 // Address-space rlimit: the allocation fails instead of an OOM kill.
-                assert!(matches!(r.end, RunEnd::Exited { code } if code != 0), "{:?}", r.end);
+                assert!(
+                    matches!(r.end, RunEnd::Exited { code } if code != 0),
+                    "{:?}",
+                    r.end
+                );
             }
             other => panic!("memory limit not applied at all: {other:?}"),
         }
@@ -403,12 +542,26 @@ fn memory_limit() {
 fn log_capped() {
     block_on(async {
         let job = TestDir::new("job");
-        let limits = Limits { log_bytes: 10_000, ..Limits::default() };
-        let r = run_with(&sandbox(RuntimeKind::Runc), &job, &shell("yes perfbox | head -c 1000000; echo done >&2"), Some(&limits), CancellationToken::new()).await;
+        let limits = Limits {
+            log_bytes: 10_000,
+            ..Limits::default()
+        };
+        let r = run_with(
+            &sandbox(RuntimeKind::Runc),
+            &job,
+            &shell("yes perfbox | head -c 1000000; echo done >&2"),
+            Some(&limits),
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 });
         let len = std::fs::metadata(job.path().join("run.log")).unwrap().len();
         assert!(len < 10_200, "log is {len} bytes");
-        assert!(r.log_dropped_bytes >= 990_000 - 10_000, "{}", r.log_dropped_bytes);
+        assert!(
+            r.log_dropped_bytes >= 990_000 - 10_000,
+            "{}",
+            r.log_dropped_bytes
+        );
     })
     .unwrap();
 }

@@ -84,18 +84,26 @@ impl CgroupHost {
                 };
             }
             // Enable what the parent may hand down; a failure leaves the controller off.
-            let available = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+            let available =
+                std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
             for c in Controller::ALL {
                 if available.split_whitespace().any(|a| a == c.name()) {
-                    let _ = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{}", c.name()));
+                    let _ = std::fs::write(
+                        dir.join("cgroup.subtree_control"),
+                        format!("+{}", c.name()),
+                    );
                 }
             }
-            let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+            let enabled =
+                std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
             let controllers: Vec<_> = Controller::ALL
                 .into_iter()
                 .filter(|c| enabled.split_whitespace().any(|e| e == c.name()))
                 .collect();
-            return CgroupHost::V2 { parent: format!("/{rel}"), controllers };
+            return CgroupHost::V2 {
+                parent: format!("/{rel}"),
+                controllers,
+            };
         }
         // runc joins every v1 hierarchy at an explicit cgroupsPath and fails on the first one it
         // cannot write, so all of them need a dir of ours, not just the limiting ones.
@@ -107,8 +115,11 @@ impl CgroupHost {
                     .collect()
             })
             .unwrap_or_default();
-        let missing: Vec<&str> =
-            hierarchies.iter().map(String::as_str).filter(|h| !owned(&root.join(h).join(rel))).collect();
+        let missing: Vec<&str> = hierarchies
+            .iter()
+            .map(String::as_str)
+            .filter(|h| !owned(&root.join(h).join(rel)))
+            .collect();
         let controllers: Vec<_> = Controller::ALL
             .into_iter()
             .filter(|c| hierarchies.iter().any(|h| h == c.name()))
@@ -118,18 +129,27 @@ impl CgroupHost {
                 reason: format!(
                     "cgroup v1: {}/{{{}}}/{rel} not owned by uid {uid} (run scripts/setup as root)",
                     root.display(),
-                    if missing.is_empty() { "memory,pids,cpu".to_string() } else { missing.join(",") }
+                    if missing.is_empty() {
+                        "memory,pids,cpu".to_string()
+                    } else {
+                        missing.join(",")
+                    }
                 ),
             }
         } else {
-            CgroupHost::V1 { parent: format!("/{rel}"), controllers }
+            CgroupHost::V1 {
+                parent: format!("/{rel}"),
+                controllers,
+            }
         }
     }
 
     /// Whether a controller's limit will be applied through a cgroup.
     pub fn has(&self, c: Controller) -> bool {
         match self {
-            CgroupHost::V2 { controllers, .. } | CgroupHost::V1 { controllers, .. } => controllers.contains(&c),
+            CgroupHost::V2 { controllers, .. } | CgroupHost::V1 { controllers, .. } => {
+                controllers.contains(&c)
+            }
             CgroupHost::Unavailable { .. } => false,
         }
     }
@@ -157,8 +177,14 @@ impl CgroupHost {
     pub fn missing_reason(&self, c: Controller) -> String {
         match self {
             CgroupHost::Unavailable { reason } => reason.clone(),
-            CgroupHost::V2 { parent, .. } => format!("cgroup v2: {} not enabled in {parent}/cgroup.subtree_control", c.name()),
-            CgroupHost::V1 { parent, .. } => format!("cgroup v1: {CGROUP_ROOT}/{}{parent} is not owned by the runtime user", c.name()),
+            CgroupHost::V2 { parent, .. } => format!(
+                "cgroup v2: {} not enabled in {parent}/cgroup.subtree_control",
+                c.name()
+            ),
+            CgroupHost::V1 { parent, .. } => format!(
+                "cgroup v1: {CGROUP_ROOT}/{}{parent} is not owned by the runtime user",
+                c.name()
+            ),
         }
     }
 
@@ -166,10 +192,16 @@ impl CgroupHost {
     pub fn oom_kills(&self, container_id: &str) -> Option<u64> {
         let (file, key): (PathBuf, &str) = match self {
             CgroupHost::V2 { parent, .. } => (
-                Path::new(CGROUP_ROOT).join(parent.trim_start_matches('/')).join(container_id).join("memory.events"),
+                Path::new(CGROUP_ROOT)
+                    .join(parent.trim_start_matches('/'))
+                    .join(container_id)
+                    .join("memory.events"),
                 "oom_kill",
             ),
-            CgroupHost::V1 { parent, controllers } if controllers.contains(&Controller::Memory) => (
+            CgroupHost::V1 {
+                parent,
+                controllers,
+            } if controllers.contains(&Controller::Memory) => (
                 Path::new(CGROUP_ROOT)
                     .join("memory")
                     .join(parent.trim_start_matches('/'))
@@ -199,25 +231,50 @@ mod tests {
         std::fs::create_dir_all(v1.path().join("pids/perfbox")).unwrap();
         std::fs::create_dir_all(v1.path().join("freezer")).unwrap();
         // A hierarchy without our dir makes runc fail, so nothing is usable.
-        assert!(matches!(CgroupHost::detect_in(v1.path(), uid, "/perfbox"), CgroupHost::Unavailable { .. }));
+        assert!(matches!(
+            CgroupHost::detect_in(v1.path(), uid, "/perfbox"),
+            CgroupHost::Unavailable { .. }
+        ));
         std::fs::create_dir_all(v1.path().join("freezer/perfbox")).unwrap();
         std::fs::create_dir_all(v1.path().join("unified")).unwrap();
         let h = CgroupHost::detect_in(v1.path(), uid, "/perfbox");
-        assert_eq!(h, CgroupHost::V1 { parent: "/perfbox".into(), controllers: vec![Controller::Memory, Controller::Pids] });
+        assert_eq!(
+            h,
+            CgroupHost::V1 {
+                parent: "/perfbox".into(),
+                controllers: vec![Controller::Memory, Controller::Pids]
+            }
+        );
         assert_eq!(h.cgroups_path("job-1").as_deref(), Some("/perfbox/job-1"));
         assert!(!h.has(Controller::Cpu));
 
         let v2 = tempfile::tempdir().unwrap();
         std::fs::write(v2.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
-        assert!(matches!(CgroupHost::detect_in(v2.path(), uid, "/perfbox"), CgroupHost::Unavailable { .. }));
+        assert!(matches!(
+            CgroupHost::detect_in(v2.path(), uid, "/perfbox"),
+            CgroupHost::Unavailable { .. }
+        ));
         std::fs::create_dir(v2.path().join("perfbox")).unwrap();
-        std::fs::write(v2.path().join("perfbox/cgroup.controllers"), "cpu memory pids").unwrap();
+        std::fs::write(
+            v2.path().join("perfbox/cgroup.controllers"),
+            "cpu memory pids",
+        )
+        .unwrap();
         // A plain file stands in for subtree_control: it holds our last "+cpu" write, not the
         // kernel's list of enabled controllers, so nothing counts as enabled.
         let h = CgroupHost::detect_in(v2.path(), uid, "/perfbox");
-        assert_eq!(h, CgroupHost::V2 { parent: "/perfbox".into(), controllers: vec![] });
+        assert_eq!(
+            h,
+            CgroupHost::V2 {
+                parent: "/perfbox".into(),
+                controllers: vec![]
+            }
+        );
 
         let other = tempfile::tempdir().unwrap();
-        assert!(matches!(CgroupHost::detect_in(other.path(), uid + 1, "/perfbox"), CgroupHost::Unavailable { .. }));
+        assert!(matches!(
+            CgroupHost::detect_in(other.path(), uid + 1, "/perfbox"),
+            CgroupHost::Unavailable { .. }
+        ));
     }
 }

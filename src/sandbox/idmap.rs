@@ -134,8 +134,20 @@ mod tests {
     #[test]
     fn finds_subordinate_range_by_name_or_uid() {
         let f = "alice:100000:65536\nperfbox:165536:65536\n# junk\n";
-        assert_eq!(find_range(f, "perfbox", 999), Some(IdRange { start: 165536, count: 65536 }));
-        assert_eq!(find_range("999:200000:10\n", "x", 999), Some(IdRange { start: 200000, count: 10 }));
+        assert_eq!(
+            find_range(f, "perfbox", 999),
+            Some(IdRange {
+                start: 165536,
+                count: 65536
+            })
+        );
+        assert_eq!(
+            find_range("999:200000:10\n", "x", 999),
+            Some(IdRange {
+                start: 200000,
+                count: 10
+            })
+        );
         assert_eq!(find_range(f, "bob", 5), None);
     }
 }

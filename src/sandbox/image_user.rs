@@ -55,7 +55,12 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<ProcessUser, UserError> {
     let entry = passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() >= 7 && (f[0] == user_part || f[2] == user_part)).then(|| {
-            (f[0].to_string(), f[2].parse::<u32>().ok(), f[3].parse::<u32>().ok(), f[5].to_string())
+            (
+                f[0].to_string(),
+                f[2].parse::<u32>().ok(),
+                f[3].parse::<u32>().ok(),
+                f[5].to_string(),
+            )
         })
     });
     let (name, uid, mut gid, home) = match (entry, user_part.parse::<u32>()) {
@@ -71,7 +76,9 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<ProcessUser, UserError> {
                 .lines()
                 .find_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();
-                    (f.len() >= 3 && f[0] == g).then(|| f[2].parse::<u32>().ok()).flatten()
+                    (f.len() >= 3 && f[0] == g)
+                        .then(|| f[2].parse::<u32>().ok())
+                        .flatten()
                 })
                 .ok_or_else(|| UserError::UnknownGroup(g.to_string()))?,
         };
@@ -89,7 +96,12 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<ProcessUser, UserError> {
             }
         }
     }
-    Ok(ProcessUser { uid, gid, additional_gids, home })
+    Ok(ProcessUser {
+        uid,
+        gid,
+        additional_gids,
+        home,
+    })
 }
 
 #[cfg(test)]
@@ -104,7 +116,11 @@ mod tests {
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:app:/home/app:/bin/sh\n",
         )
         .unwrap();
-        std::fs::write(d.path().join("etc/group"), "root:x:0:\nstaff:x:50:app\napp:x:1001:\n").unwrap();
+        std::fs::write(
+            d.path().join("etc/group"),
+            "root:x:0:\nstaff:x:50:app\napp:x:1001:\n",
+        )
+        .unwrap();
         d
     }
 
@@ -113,15 +129,24 @@ mod tests {
         let r = rootfs();
         assert_eq!(resolve(r.path(), "").unwrap().uid, 0);
         let app = resolve(r.path(), "app").unwrap();
-        assert_eq!((app.uid, app.gid, app.additional_gids.clone()), (1000, 1001, vec![50]));
+        assert_eq!(
+            (app.uid, app.gid, app.additional_gids.clone()),
+            (1000, 1001, vec![50])
+        );
         assert_eq!(app.home.as_deref(), Some("/home/app"));
         assert_eq!(resolve(r.path(), "1000").unwrap().gid, 1001);
         let numeric = resolve(r.path(), "4242").unwrap();
         assert_eq!((numeric.uid, numeric.gid), (4242, 0));
         assert_eq!(resolve(r.path(), "app:staff").unwrap().gid, 50);
         assert_eq!(resolve(r.path(), "1000:7").unwrap().gid, 7);
-        assert!(matches!(resolve(r.path(), "nobody"), Err(UserError::UnknownUser(_))));
-        assert!(matches!(resolve(r.path(), "app:nogroup"), Err(UserError::UnknownGroup(_))));
+        assert!(matches!(
+            resolve(r.path(), "nobody"),
+            Err(UserError::UnknownUser(_))
+        ));
+        assert!(matches!(
+            resolve(r.path(), "app:nogroup"),
+            Err(UserError::UnknownGroup(_))
+        ));
     }
 
     #[test]
@@ -129,6 +154,9 @@ mod tests {
         let r = rootfs();
         std::fs::remove_file(r.path().join("etc/passwd")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", r.path().join("etc/passwd")).unwrap();
-        assert!(matches!(resolve(r.path(), "root"), Err(UserError::Database(SafeReadError::Symlink(_)))));
+        assert!(matches!(
+            resolve(r.path(), "root"),
+            Err(UserError::Database(SafeReadError::Symlink(_)))
+        ));
     }
 }

@@ -215,10 +215,18 @@ impl Sandbox {
         let runtime = Runtime::locate(cfg.runtime, run_as)?;
         let cgroups = CgroupHost::detect(identity.uid, cfg.cgroup_parent.as_deref());
         let seccomp = match &cfg.seccomp_profile {
-            Some(p) => seccomp::parse_profile(&std::fs::read_to_string(p).map_err(io_err("cannot read", p))?)?,
+            Some(p) => seccomp::parse_profile(
+                &std::fs::read_to_string(p).map_err(io_err("cannot read", p))?,
+            )?,
             None => seccomp::default_profile(),
         };
-        Ok(Self { runtime, identity, limits: cfg.limits, cgroups, seccomp })
+        Ok(Self {
+            runtime,
+            identity,
+            limits: cfg.limits,
+            cgroups,
+            seccomp,
+        })
     }
 
     /// The runtime in use.
@@ -241,6 +249,22 @@ impl Sandbox {
         &self.limits
     }
 
+    /// Kill and delete any container left in a job's runtime state dir (after perfbox itself was
+    /// killed mid-run), then remove the state dir.
+    pub async fn reap(&self, job_dir: &Path) {
+        let state = job_dir.join(STATE_DIR);
+        if let Ok(entries) = std::fs::read_dir(&state) {
+            for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let _ = self.runtime.kill(&state, &id).await;
+                if let Err(err) = self.runtime.delete(&state, &id).await {
+                    tracing::warn!(container = %id, error = %err, "could not delete a leftover container");
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
     fn give_to_runtime_user(&self, path: &Path) -> Result<(), SandboxError> {
         if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(path, Some(self.identity.uid), Some(self.identity.gid))
@@ -252,7 +276,8 @@ impl Sandbox {
     /// Run a job's image once. See the module doc for the sequence.
     pub async fn run(&self, req: RunRequest<'_>) -> Result<RunReport, SandboxError> {
         let limits = req.limits.unwrap_or(&self.limits);
-        let job_dir = std::path::absolute(req.job_dir).map_err(io_err("bad job dir", req.job_dir))?;
+        let job_dir =
+            std::path::absolute(req.job_dir).map_err(io_err("bad job dir", req.job_dir))?;
         let rootfs = std::path::absolute(req.rootfs).map_err(io_err("bad rootfs", req.rootfs))?;
 
         // 1. The process, as the image describes it.
@@ -319,8 +344,15 @@ impl Sandbox {
         let log = std::fs::File::create(&log_path).map_err(io_err("cannot create", &log_path))?;
         let started = Instant::now();
         let mut guard = ContainerGuard::new(&self.runtime, &state_dir, req.container_id);
-        let mut child = self.runtime.spawn_run(&state_dir, &job_dir, req.container_id)?;
-        let pump = LogPump::start(log, limits.log_bytes, child.stdout.take(), child.stderr.take());
+        let mut child = self
+            .runtime
+            .spawn_run(&state_dir, &job_dir, req.container_id)?;
+        let pump = LogPump::start(
+            log,
+            limits.log_bytes,
+            child.stdout.take(),
+            child.stderr.take(),
+        );
 
         // 5. Exit, timeout or cancellation.
         let timeout = Duration::from_secs(limits.timeout_secs);
@@ -332,16 +364,23 @@ impl Sandbox {
         let end = match end {
             Some(status) => {
                 let status = status.map_err(io_err("cannot wait for runtime", &job_dir))?;
-                RunEnd::Exited { code: exit_code(status) }
+                RunEnd::Exited {
+                    code: exit_code(status),
+                }
             }
             None => {
                 let end = if req.cancel.is_cancelled() {
                     RunEnd::Cancelled
                 } else {
-                    RunEnd::TimedOut { after_secs: limits.timeout_secs }
+                    RunEnd::TimedOut {
+                        after_secs: limits.timeout_secs,
+                    }
                 };
                 let _ = self.runtime.kill(&state_dir, req.container_id).await;
-                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                    .await
+                    .is_err()
+                {
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                 }
@@ -383,7 +422,9 @@ impl Sandbox {
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 fn log_tail(path: &Path, max: usize) -> String {
@@ -403,7 +444,12 @@ struct ContainerGuard {
 
 impl ContainerGuard {
     fn new(runtime: &Runtime, state_dir: &Path, id: &str) -> Self {
-        Self { runtime: runtime.clone(), state_dir: state_dir.to_path_buf(), id: id.to_string(), armed: true }
+        Self {
+            runtime: runtime.clone(),
+            state_dir: state_dir.to_path_buf(),
+            id: id.to_string(),
+            armed: true,
+        }
     }
 
     async fn cleanup(&mut self) {
@@ -420,9 +466,13 @@ impl Drop for ContainerGuard {
         if !self.armed {
             return;
         }
-        for verb in [vec!["kill", &self.id, "KILL"], vec!["delete", "--force", &self.id]] {
+        for verb in [
+            vec!["kill", &self.id, "KILL"],
+            vec!["delete", "--force", &self.id],
+        ] {
             let mut cmd = self.runtime.command(&self.state_dir, &verb).into_std();
-            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
             let _ = cmd.status();
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
@@ -463,7 +513,10 @@ impl LogPump {
                 }
                 if keep < n {
                     if *dropped == 0 {
-                        let _ = writeln!(file, "\n[perfbox: log capped at {cap} bytes; further output dropped]");
+                        let _ = writeln!(
+                            file,
+                            "\n[perfbox: log capped at {cap} bytes; further output dropped]"
+                        );
                     }
                     *dropped += (n - keep) as u64;
                 }

@@ -56,7 +56,10 @@ pub fn parse_perf(bytes: &[u8]) -> Result<f64, PerfError> {
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            if ["NaN", "Infinity", "-Infinity"].iter().any(|w| text.contains(w)) {
+            if ["NaN", "Infinity", "-Infinity"]
+                .iter()
+                .any(|w| text.contains(w))
+            {
                 return Err(PerfError::NotFinite(text.trim().chars().take(80).collect()));
             }
             return Err(PerfError::NotJson(e.to_string()));
@@ -85,14 +88,38 @@ mod tests {
         assert_eq!(parse_perf(br#"{"perf": 0.9876}"#), Ok(0.9876));
         assert_eq!(parse_perf(b"{\"perf\":-3}\n"), Ok(-3.0));
         assert_eq!(parse_perf(br#"{"perf": 1, "other": "x"}"#), Ok(1.0));
-        assert!(matches!(parse_perf(br#"{"perf": "0.9"}"#), Err(PerfError::NotANumber(_))));
-        assert!(matches!(parse_perf(br#"{"perf": null}"#), Err(PerfError::NotANumber(_))));
-        assert!(matches!(parse_perf(br#"{"perf": NaN}"#), Err(PerfError::NotFinite(_))));
-        assert!(matches!(parse_perf(br#"{"perf": Infinity}"#), Err(PerfError::NotFinite(_))));
-        assert!(matches!(parse_perf(br#"{"perf": 1e999}"#), Err(PerfError::NotFinite(_)) | Err(PerfError::NotJson(_))));
+        assert!(matches!(
+            parse_perf(br#"{"perf": "0.9"}"#),
+            Err(PerfError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_perf(br#"{"perf": null}"#),
+            Err(PerfError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_perf(br#"{"perf": NaN}"#),
+            Err(PerfError::NotFinite(_))
+        ));
+        assert!(matches!(
+            parse_perf(br#"{"perf": Infinity}"#),
+            Err(PerfError::NotFinite(_))
+        ));
+        assert!(matches!(
+            parse_perf(br#"{"perf": 1e999}"#),
+            Err(PerfError::NotFinite(_)) | Err(PerfError::NotJson(_))
+        ));
         assert!(matches!(parse_perf(b"0.9"), Err(PerfError::NotJson(_))));
-        assert!(matches!(parse_perf(b"{\"perf\""), Err(PerfError::NotJson(_))));
-        assert!(matches!(parse_perf(br#"{"score": 1}"#), Err(PerfError::NotJson(_))));
-        assert!(matches!(parse_perf(b"\xff\xfe"), Err(PerfError::NotJson(_))));
+        assert!(matches!(
+            parse_perf(b"{\"perf\""),
+            Err(PerfError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse_perf(br#"{"score": 1}"#),
+            Err(PerfError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse_perf(b"\xff\xfe"),
+            Err(PerfError::NotJson(_))
+        ));
     }
 }

@@ -8,7 +8,7 @@ pub const DEFAULT_POLICY_TOML: &str = include_str!("../../sandbox/policy.toml");
 
 /// Resource limits requested for every job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Memory limit in bytes (cgroup); no extra swap.
     pub memory_bytes: u64,
@@ -31,8 +31,28 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The values of `sandbox/policy.toml`. (Read key by key: deserializing `Limits` itself here
+    /// would recurse, since `#[serde(default)]` calls this for partial tables.)
     fn default() -> Self {
-        toml::from_str(DEFAULT_POLICY_TOML).expect("sandbox/policy.toml is valid (tested)")
+        let table: toml::Table = toml::from_str(DEFAULT_POLICY_TOML).expect("sandbox/policy.toml is valid (tested)");
+        let get = |k: &str| -> u64 {
+            table
+                .get(k)
+                .and_then(toml::Value::as_integer)
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or_else(|| panic!("sandbox/policy.toml lacks a non-negative integer {k} (tested)"))
+        };
+        Self {
+            memory_bytes: get("memory_bytes"),
+            pids: get("pids"),
+            cpu_millicores: get("cpu_millicores"),
+            tmpfs_bytes: get("tmpfs_bytes"),
+            nofile: get("nofile"),
+            nproc: get("nproc"),
+            fsize_bytes: get("fsize_bytes"),
+            timeout_secs: get("timeout_secs"),
+            log_bytes: get("log_bytes"),
+        }
     }
 }
 
@@ -99,5 +119,11 @@ mod tests {
         assert_eq!(l.memory_bytes, 512 << 20);
         assert_eq!(l.pids, 256);
         assert!(l.timeout_secs > 0 && l.log_bytes > 0);
+        // The file parses as a full Limits too, and a partial table keeps the defaults.
+        let full: Limits = toml::from_str(DEFAULT_POLICY_TOML).unwrap();
+        assert_eq!(full, l);
+        let partial: Limits = toml::from_str("pids = 7").unwrap();
+        assert_eq!((partial.pids, partial.memory_bytes), (7, l.memory_bytes));
+        assert!(toml::from_str::<Limits>("bogus = 1").is_err());
     }
 }

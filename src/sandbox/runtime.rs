@@ -45,7 +45,9 @@ impl std::str::FromStr for RuntimeKind {
             "runc" => Ok(RuntimeKind::Runc),
             "crun" => Ok(RuntimeKind::Crun),
             "youki" => Ok(RuntimeKind::Youki),
-            other => Err(format!("unknown runtime {other:?}: expected runc, crun or youki")),
+            other => Err(format!(
+                "unknown runtime {other:?}: expected runc, crun or youki"
+            )),
         }
     }
 }
@@ -107,7 +109,11 @@ impl Runtime {
             .map(|d| Path::new(d).join(kind.name()))
             .find(|p| p.is_file())
             .ok_or_else(|| RuntimeError::NotFound(kind.name().into()))?;
-        Ok(Self { kind, binary, run_as })
+        Ok(Self {
+            kind,
+            binary,
+            run_as,
+        })
     }
 
     /// A command for `args`, with perfbox's spawning rules applied.
@@ -140,11 +146,19 @@ impl Runtime {
     }
 
     /// Start `run` with stdout and stderr piped.
-    pub fn spawn_run(&self, state_root: &Path, bundle: &Path, id: &str) -> Result<Child, RuntimeError> {
+    pub fn spawn_run(
+        &self,
+        state_root: &Path,
+        bundle: &Path,
+        id: &str,
+    ) -> Result<Child, RuntimeError> {
         let bundle = bundle.to_string_lossy();
         let mut cmd = self.command(state_root, &self.run_args(&bundle, id));
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        cmd.spawn().map_err(|source| RuntimeError::Spawn { binary: self.kind.name().into(), source })
+        cmd.spawn().map_err(|source| RuntimeError::Spawn {
+            binary: self.kind.name().into(),
+            source,
+        })
     }
 
     async fn simple(&self, state_root: &Path, args: &[&str]) -> Result<String, RuntimeError> {
@@ -159,7 +173,10 @@ impl Runtime {
                 status: "timeout".into(),
                 stderr: "no answer within 30 s".into(),
             })?
-            .map_err(|source| RuntimeError::Spawn { binary: self.kind.name().into(), source })?;
+            .map_err(|source| RuntimeError::Spawn {
+                binary: self.kind.name().into(),
+                source,
+            })?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -175,29 +192,45 @@ impl Runtime {
     /// `kill <id> KILL`: the container's init dies, and with it its whole pid namespace (a
     /// stopped process included: SIGKILL needs no SIGCONT).
     pub async fn kill(&self, state_root: &Path, id: &str) -> Result<(), RuntimeError> {
-        self.simple(state_root, &["kill", id, "KILL"]).await.map(|_| ())
+        self.simple(state_root, &["kill", id, "KILL"])
+            .await
+            .map(|_| ())
     }
 
     /// `delete --force <id>`.
     pub async fn delete(&self, state_root: &Path, id: &str) -> Result<(), RuntimeError> {
-        self.simple(state_root, &["delete", "--force", id]).await.map(|_| ())
+        self.simple(state_root, &["delete", "--force", id])
+            .await
+            .map(|_| ())
     }
 
     /// Container ids known in a state dir (`list -q`).
     pub async fn list(&self, state_root: &Path) -> Result<Vec<String>, RuntimeError> {
         let out = self.simple(state_root, &["list", "-q"]).await?;
-        Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
     }
 
     /// `--version`, first line.
     pub async fn version(&self) -> Result<String, RuntimeError> {
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--version").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        let out = cmd
-            .output()
-            .await
-            .map_err(|source| RuntimeError::Spawn { binary: self.kind.name().into(), source })?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
+        cmd.arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let out = cmd.output().await.map_err(|source| RuntimeError::Spawn {
+            binary: self.kind.name().into(),
+            source,
+        })?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
     }
 }
 
@@ -207,12 +240,30 @@ mod tests {
 
     #[test]
     fn argv_is_pinned() {
-        let runc = Runtime { kind: RuntimeKind::Runc, binary: "/usr/bin/runc".into(), run_as: None };
-        assert_eq!(runc.run_args("/b", "id1"), vec!["run", "--bundle", "/b", "--keep", "id1"]);
-        let crun = Runtime { kind: RuntimeKind::Crun, binary: "/usr/bin/crun".into(), run_as: None };
-        assert_eq!(crun.run_args("/b", "id1"), vec!["run", "--bundle", "/b", "id1"]);
+        let runc = Runtime {
+            kind: RuntimeKind::Runc,
+            binary: "/usr/bin/runc".into(),
+            run_as: None,
+        };
+        assert_eq!(
+            runc.run_args("/b", "id1"),
+            vec!["run", "--bundle", "/b", "--keep", "id1"]
+        );
+        let crun = Runtime {
+            kind: RuntimeKind::Crun,
+            binary: "/usr/bin/crun".into(),
+            run_as: None,
+        };
+        assert_eq!(
+            crun.run_args("/b", "id1"),
+            vec!["run", "--bundle", "/b", "id1"]
+        );
         let cmd = runc.command(Path::new("/s"), &["kill", "id1", "KILL"]);
-        let argv: Vec<_> = cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let argv: Vec<_> = cmd
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(argv, vec!["--root", "/s", "kill", "id1", "KILL"]);
         assert!("bogus".parse::<RuntimeKind>().is_err());
         assert_eq!("youki".parse::<RuntimeKind>(), Ok(RuntimeKind::Youki));

@@ -59,9 +59,19 @@ pub fn read_beneath(dir: &Path, rel: &str, max: u64) -> Result<Vec<u8>, SafeRead
     let dir = File::open(dir).map_err(io)?;
     let rel_trimmed = rel.trim_start_matches('/');
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .flags(
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY,
+        )
         .mode(Mode::empty())
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
     let fd = match openat2(dir.as_fd(), rel_trimmed, how) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => return Err(SafeReadError::Missing(rel.into())),
@@ -79,17 +89,31 @@ pub fn read_beneath(dir: &Path, rel: &str, max: u64) -> Result<Vec<u8>, SafeRead
             SFlag::S_IFBLK => "block device",
             _ => "special file",
         };
-        return Err(SafeReadError::NotRegular { path: rel.into(), kind });
+        return Err(SafeReadError::NotRegular {
+            path: rel.into(),
+            kind,
+        });
     }
     let size = u64::try_from(st.st_size).unwrap_or(0);
     if size > max {
-        return Err(SafeReadError::TooBig { path: rel.into(), size, max });
+        return Err(SafeReadError::TooBig {
+            path: rel.into(),
+            size,
+            max,
+        });
     }
     let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     // Bounded even if the file grows between fstat and read.
-    File::from(fd).take(max + 1).read_to_end(&mut buf).map_err(io)?;
+    File::from(fd)
+        .take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(io)?;
     if buf.len() as u64 > max {
-        return Err(SafeReadError::TooBig { path: rel.into(), size: buf.len() as u64, max });
+        return Err(SafeReadError::TooBig {
+            path: rel.into(),
+            size: buf.len() as u64,
+            max,
+        });
     }
     Ok(buf)
 }
@@ -112,12 +136,36 @@ mod tests {
         std::fs::write(d.path().join("big"), vec![b'x'; 100]).unwrap();
 
         assert_eq!(read_beneath(d.path(), "ok", 10).unwrap(), b"hello");
-        assert!(matches!(read_beneath(d.path(), "link", 10), Err(SafeReadError::Symlink(_))));
-        assert!(matches!(read_beneath(d.path(), "etcdir/passwd", 1 << 20), Err(SafeReadError::Symlink(_))));
-        assert!(matches!(read_beneath(d.path(), "../x", 10), Err(SafeReadError::Symlink(_)) | Err(SafeReadError::Io { .. })));
-        assert!(matches!(read_beneath(d.path(), "fifo", 10), Err(SafeReadError::NotRegular { kind: "FIFO", .. })));
-        assert!(matches!(read_beneath(d.path(), "sub", 10), Err(SafeReadError::NotRegular { kind: "directory", .. })));
-        assert!(matches!(read_beneath(d.path(), "big", 10), Err(SafeReadError::TooBig { size: 100, .. })));
-        assert!(matches!(read_beneath(d.path(), "none", 10), Err(SafeReadError::Missing(_))));
+        assert!(matches!(
+            read_beneath(d.path(), "link", 10),
+            Err(SafeReadError::Symlink(_))
+        ));
+        assert!(matches!(
+            read_beneath(d.path(), "etcdir/passwd", 1 << 20),
+            Err(SafeReadError::Symlink(_))
+        ));
+        assert!(matches!(
+            read_beneath(d.path(), "../x", 10),
+            Err(SafeReadError::Symlink(_)) | Err(SafeReadError::Io { .. })
+        ));
+        assert!(matches!(
+            read_beneath(d.path(), "fifo", 10),
+            Err(SafeReadError::NotRegular { kind: "FIFO", .. })
+        ));
+        assert!(matches!(
+            read_beneath(d.path(), "sub", 10),
+            Err(SafeReadError::NotRegular {
+                kind: "directory",
+                ..
+            })
+        ));
+        assert!(matches!(
+            read_beneath(d.path(), "big", 10),
+            Err(SafeReadError::TooBig { size: 100, .. })
+        ));
+        assert!(matches!(
+            read_beneath(d.path(), "none", 10),
+            Err(SafeReadError::Missing(_))
+        ));
     }
 }

@@ -71,9 +71,23 @@ mod tests {
             assert!(allowed.iter().any(|a| a == s), "{s} must be allowed");
         }
         for s in [
-            "mount", "umount2", "unshare", "setns", "pivot_root", "bpf", "ptrace", "keyctl",
-            "kexec_load", "init_module", "reboot", "perf_event_open", "chroot",
-            "open_by_handle_at", "userfaultfd", "process_vm_readv", "clone3",
+            "mount",
+            "umount2",
+            "unshare",
+            "setns",
+            "pivot_root",
+            "bpf",
+            "ptrace",
+            "keyctl",
+            "kexec_load",
+            "init_module",
+            "reboot",
+            "perf_event_open",
+            "chroot",
+            "open_by_handle_at",
+            "userfaultfd",
+            "process_vm_readv",
+            "clone3",
         ] {
             assert!(!allowed.iter().any(|a| a == s), "{s} must not be allowed");
         }
@@ -82,8 +96,14 @@ mod tests {
     #[test]
     fn rejects_allow_by_default_and_oversized_profiles() {
         let allow_all = r#"{"defaultAction":"SCMP_ACT_ALLOW"}"#;
-        assert!(matches!(parse_profile(allow_all), Err(SeccompError::NotDefaultDeny(_))));
+        assert!(matches!(
+            parse_profile(allow_all),
+            Err(SeccompError::NotDefaultDeny(_))
+        ));
         let big = " ".repeat(MAX_PROFILE_BYTES + 1);
-        assert!(matches!(parse_profile(&big), Err(SeccompError::TooLarge(_))));
+        assert!(matches!(
+            parse_profile(&big),
+            Err(SeccompError::TooLarge(_))
+        ));
     }
 }

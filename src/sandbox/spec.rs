@@ -12,9 +12,10 @@
 use std::path::PathBuf;
 
 use oci_spec::runtime::{
-    Capabilities, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, Mount, MountBuilder, PosixRlimitBuilder,
-    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder, get_default_maskedpaths,
+    Capabilities, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    LinuxSeccomp, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder,
+    RootBuilder, Spec, SpecBuilder, UserBuilder, get_default_maskedpaths,
     get_default_readonly_paths,
 };
 
@@ -57,7 +58,9 @@ pub struct SpecInput<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// The image USER cannot be mapped into this host's id ranges.
-    #[error("image user {uid}:{gid} has no host id: this host maps container ids 0..={max_uid} (uid) / 0..={max_gid} (gid); add a subuid/subgid range for the runtime user")]
+    #[error(
+        "image user {uid}:{gid} has no host id: this host maps container ids 0..={max_uid} (uid) / 0..={max_gid} (gid); add a subuid/subgid range for the runtime user"
+    )]
     UnmappableUser {
         /// uid.
         uid: u32,
@@ -86,7 +89,11 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount,
 }
 
 fn rlimit(typ: PosixRlimitType, value: u64) -> Result<oci_spec::runtime::PosixRlimit, SpecError> {
-    Ok(PosixRlimitBuilder::default().typ(typ).hard(value).soft(value).build()?)
+    Ok(PosixRlimitBuilder::default()
+        .typ(typ)
+        .hard(value)
+        .soft(value)
+        .build()?)
 }
 
 /// Build the hardened spec and the record of which limits it really applies.
@@ -127,8 +134,15 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
             m = m.swap(limits.memory_bytes as i64); // memory+swap = memory: no swap on top
         }
         resources = resources.memory(m.build()?);
-        let control = if v == "v2" { "v2 memory.max" } else { "v1 memory.limit_in_bytes" };
-        Enforcement::Cgroup { control: control.into(), value: limits.memory_bytes.to_string() }
+        let control = if v == "v2" {
+            "v2 memory.max"
+        } else {
+            "v1 memory.limit_in_bytes"
+        };
+        Enforcement::Cgroup {
+            control: control.into(),
+            value: limits.memory_bytes.to_string(),
+        }
     } else {
         // Address space is a loose stand-in for memory: it bounds mappings, not resident pages.
         let value = limits.memory_bytes.saturating_mul(4);
@@ -143,9 +157,20 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
         }
     };
     let pids = if cg.has(Controller::Pids) {
-        resources = resources.pids(LinuxPidsBuilder::default().limit(limits.pids as i64).build()?);
-        let control = if v == "v2" { "v2 pids.max" } else { "v1 pids.max" };
-        Enforcement::Cgroup { control: control.into(), value: limits.pids.to_string() }
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(limits.pids as i64)
+                .build()?,
+        );
+        let control = if v == "v2" {
+            "v2 pids.max"
+        } else {
+            "v1 pids.max"
+        };
+        Enforcement::Cgroup {
+            control: control.into(),
+            value: limits.pids.to_string(),
+        }
     } else {
         Enforcement::Rlimit {
             name: "RLIMIT_NPROC".into(),
@@ -158,21 +183,52 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
     };
     let cpu = if cg.has(Controller::Cpu) {
         let quota = (limits.cpu_millicores * CPU_PERIOD_US / 1000) as i64;
-        resources = resources.cpu(LinuxCpuBuilder::default().quota(quota).period(CPU_PERIOD_US).build()?);
-        let control = if v == "v2" { "v2 cpu.max" } else { "v1 cpu.cfs_quota_us" };
-        Enforcement::Cgroup { control: control.into(), value: format!("{quota}/{CPU_PERIOD_US}") }
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota(quota)
+                .period(CPU_PERIOD_US)
+                .build()?,
+        );
+        let control = if v == "v2" {
+            "v2 cpu.max"
+        } else {
+            "v1 cpu.cfs_quota_us"
+        };
+        Enforcement::Cgroup {
+            control: control.into(),
+            value: format!("{quota}/{CPU_PERIOD_US}"),
+        }
     } else {
-        Enforcement::NotApplied { reason: cg.missing_reason(Controller::Cpu) }
+        Enforcement::NotApplied {
+            reason: cg.missing_reason(Controller::Cpu),
+        }
     };
     let applied = AppliedLimits {
         memory,
         pids,
         cpu,
-        nofile: Enforcement::Rlimit { name: "RLIMIT_NOFILE".into(), value: limits.nofile, note: String::new() },
-        fsize: Enforcement::Rlimit { name: "RLIMIT_FSIZE".into(), value: limits.fsize_bytes, note: String::new() },
-        tmpfs: Enforcement::Sandbox { value: format!("/tmp tmpfs size={}", limits.tmpfs_bytes) },
-        timeout: Enforcement::Sandbox { value: format!("{} s wall clock, then SIGKILL to the container", limits.timeout_secs) },
-        log: Enforcement::Sandbox { value: format!("{} bytes of stdout+stderr kept", limits.log_bytes) },
+        nofile: Enforcement::Rlimit {
+            name: "RLIMIT_NOFILE".into(),
+            value: limits.nofile,
+            note: String::new(),
+        },
+        fsize: Enforcement::Rlimit {
+            name: "RLIMIT_FSIZE".into(),
+            value: limits.fsize_bytes,
+            note: String::new(),
+        },
+        tmpfs: Enforcement::Sandbox {
+            value: format!("/tmp tmpfs size={}", limits.tmpfs_bytes),
+        },
+        timeout: Enforcement::Sandbox {
+            value: format!(
+                "{} s wall clock, then SIGKILL to the container",
+                limits.timeout_secs
+            ),
+        },
+        log: Enforcement::Sandbox {
+            value: format!("{} bytes of stdout+stderr kept", limits.log_bytes),
+        },
     };
 
     let no_caps = Capabilities::new();
@@ -205,15 +261,56 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
     let out_dir = input.out_dir.to_string_lossy().into_owned();
     let mounts = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
-        mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"])?,
-        mount("/dev/pts", "devpts", "devpts", &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"])?,
-        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"])?,
-        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"])?,
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+            ],
+        )?,
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
         // A sysfs of our own network namespace, read-only (not a bind of the host's /sys).
-        mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"])?,
-        mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777", &tmpfs_size])?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+        mount(
+            "/tmp",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", "mode=1777", &tmpfs_size],
+        )?,
         // The only host path in the container: this job's own output directory.
-        mount("/data", "bind", &out_dir, &["rbind", "rw", "nosuid", "nodev", "noexec"])?,
+        mount(
+            "/data",
+            "bind",
+            &out_dir,
+            &["rbind", "rw", "nosuid", "nodev", "noexec"],
+        )?,
     ];
 
     let namespaces = [
@@ -245,7 +342,12 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
     let spec = SpecBuilder::default()
         .version("1.0.2")
         .hostname("perfbox")
-        .root(RootBuilder::default().path(input.rootfs.clone()).readonly(true).build()?)
+        .root(
+            RootBuilder::default()
+                .path(input.rootfs.clone())
+                .readonly(true)
+                .build()?,
+        )
         .process(process)
         .mounts(mounts)
         .linux(linux.build()?)
@@ -260,11 +362,24 @@ mod tests {
     use oci_spec::runtime::LinuxNamespaceType as Ns;
 
     fn identity(sub: bool) -> HostIdentity {
-        let r = sub.then_some(IdRange { start: 200000, count: 65536 });
-        HostIdentity { uid: 990, gid: 990, name: "perfbox".into(), subuid: r, subgid: r }
+        let r = sub.then_some(IdRange {
+            start: 200000,
+            count: 65536,
+        });
+        HostIdentity {
+            uid: 990,
+            gid: 990,
+            name: "perfbox".into(),
+            subuid: r,
+            subgid: r,
+        }
     }
 
-    fn build(user: ProcessUser, id: &HostIdentity, cg: &CgroupHost) -> Result<(Spec, AppliedLimits), SpecError> {
+    fn build(
+        user: ProcessUser,
+        id: &HostIdentity,
+        cg: &CgroupHost,
+    ) -> Result<(Spec, AppliedLimits), SpecError> {
         let limits = Limits::default();
         hardened_spec(&SpecInput {
             rootfs: "/var/lib/perfbox/images/x/rootfs".into(),
@@ -282,49 +397,107 @@ mod tests {
     }
 
     fn root() -> ProcessUser {
-        ProcessUser { uid: 0, gid: 0, additional_gids: vec![], home: None }
+        ProcessUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: None,
+        }
     }
 
     #[test]
     fn spec_is_hardened() {
-        let none = CgroupHost::Unavailable { reason: "test".into() };
+        let none = CgroupHost::Unavailable {
+            reason: "test".into(),
+        };
         let (spec, applied) = build(root(), &identity(true), &none).unwrap();
         let root_cfg = spec.root().as_ref().unwrap();
         assert_eq!(root_cfg.readonly(), Some(true));
         let p = spec.process().as_ref().unwrap();
         assert_eq!(p.no_new_privileges(), Some(true));
         let caps = p.capabilities().as_ref().unwrap();
-        for set in [caps.bounding(), caps.effective(), caps.inheritable(), caps.permitted(), caps.ambient()] {
+        for set in [
+            caps.bounding(),
+            caps.effective(),
+            caps.inheritable(),
+            caps.permitted(),
+            caps.ambient(),
+        ] {
             assert!(set.as_ref().unwrap().is_empty());
         }
         let linux = spec.linux().as_ref().unwrap();
-        let ns: Vec<Ns> = linux.namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
-        for want in [Ns::User, Ns::Mount, Ns::Pid, Ns::Ipc, Ns::Uts, Ns::Cgroup, Ns::Network] {
+        let ns: Vec<Ns> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        for want in [
+            Ns::User,
+            Ns::Mount,
+            Ns::Pid,
+            Ns::Ipc,
+            Ns::Uts,
+            Ns::Cgroup,
+            Ns::Network,
+        ] {
             assert!(ns.contains(&want), "{want:?} namespace missing");
         }
         assert_eq!(linux.uid_mappings().as_ref().unwrap()[0].host_id(), 990);
         assert_eq!(linux.uid_mappings().as_ref().unwrap()[1].host_id(), 200000);
         assert!(linux.seccomp().is_some());
-        assert!(linux.masked_paths().as_ref().unwrap().iter().any(|p| p == "/proc/kcore"));
+        assert!(
+            linux
+                .masked_paths()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|p| p == "/proc/kcore")
+        );
         // Only one host path: the job's output dir, at /data.
-        let binds: Vec<_> = spec.mounts().as_ref().unwrap().iter().filter(|m| m.typ().as_deref() == Some("bind")).collect();
+        let binds: Vec<_> = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|m| m.typ().as_deref() == Some("bind"))
+            .collect();
         assert_eq!(binds.len(), 1);
         assert_eq!(binds[0].destination().to_str(), Some("/data"));
-        assert_eq!(binds[0].source().as_ref().unwrap().to_str(), Some("/var/lib/perfbox/jobs/1/out"));
+        assert_eq!(
+            binds[0].source().as_ref().unwrap().to_str(),
+            Some("/var/lib/perfbox/jobs/1/out")
+        );
         // No cgroups here: memory falls back to an rlimit and cpu says it is not applied.
         assert!(matches!(applied.memory, Enforcement::Rlimit { .. }));
         assert!(matches!(applied.cpu, Enforcement::NotApplied { .. }));
         assert!(linux.cgroups_path().is_none());
-        let names: Vec<_> = p.rlimits().as_ref().unwrap().iter().map(|r| r.typ()).collect();
-        assert!(names.contains(&PosixRlimitType::RlimitCore) && names.contains(&PosixRlimitType::RlimitAs));
+        let names: Vec<_> = p
+            .rlimits()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|r| r.typ())
+            .collect();
+        assert!(
+            names.contains(&PosixRlimitType::RlimitCore)
+                && names.contains(&PosixRlimitType::RlimitAs)
+        );
     }
 
     #[test]
     fn cgroup_limits_recorded_where_the_host_allows() {
-        let v1 = CgroupHost::V1 { parent: "/perfbox".into(), controllers: vec![Controller::Memory, Controller::Pids] };
+        let v1 = CgroupHost::V1 {
+            parent: "/perfbox".into(),
+            controllers: vec![Controller::Memory, Controller::Pids],
+        };
         let (spec, applied) = build(root(), &identity(true), &v1).unwrap();
         let linux = spec.linux().as_ref().unwrap();
-        assert_eq!(linux.cgroups_path().as_ref().unwrap().to_str(), Some("/perfbox/perfbox-1"));
+        assert_eq!(
+            linux.cgroups_path().as_ref().unwrap().to_str(),
+            Some("/perfbox/perfbox-1")
+        );
         let res = linux.resources().as_ref().unwrap();
         assert_eq!(res.memory().as_ref().unwrap().limit(), Some(512 << 20));
         assert_eq!(res.pids().as_ref().unwrap().limit(), 256);
@@ -336,9 +509,19 @@ mod tests {
 
     #[test]
     fn non_root_user_needs_a_subordinate_range() {
-        let none = CgroupHost::Unavailable { reason: "test".into() };
-        let u1000 = ProcessUser { uid: 1000, gid: 1000, additional_gids: vec![], home: None };
+        let none = CgroupHost::Unavailable {
+            reason: "test".into(),
+        };
+        let u1000 = ProcessUser {
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![],
+            home: None,
+        };
         assert!(build(u1000.clone(), &identity(true), &none).is_ok());
-        assert!(matches!(build(u1000, &identity(false), &none), Err(SpecError::UnmappableUser { .. })));
+        assert!(matches!(
+            build(u1000, &identity(false), &none),
+            Err(SpecError::UnmappableUser { .. })
+        ));
     }
 }

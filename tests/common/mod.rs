@@ -21,7 +21,10 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// Fail loudly (not skip) when the environment that setup provides is missing.
 pub fn require_setup() {
     assert!(
-        nix::unistd::User::from_name(PERFBOX_USER).ok().flatten().is_some(),
+        nix::unistd::User::from_name(PERFBOX_USER)
+            .ok()
+            .flatten()
+            .is_some(),
         "user {PERFBOX_USER} missing: run `sudo scripts/setup` first (README, Quick start)"
     );
 }
@@ -56,13 +59,31 @@ impl Drop for TestDir {
 pub fn busybox_rootfs() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let root = Path::new(STATE).join("test").join(format!("rootfs-busybox-{}", std::process::id()));
+        let root = Path::new(STATE)
+            .join("test")
+            .join(format!("rootfs-busybox-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "data", "proc", "sys", "dev", "root", "home/user"] {
+        for d in [
+            "bin",
+            "sbin",
+            "usr/bin",
+            "usr/sbin",
+            "etc",
+            "tmp",
+            "data",
+            "proc",
+            "sys",
+            "dev",
+            "root",
+            "home/user",
+        ] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-        let list = Command::new("/bin/busybox").arg("--list-full").output().unwrap();
+        let list = Command::new("/bin/busybox")
+            .arg("--list-full")
+            .output()
+            .unwrap();
         for applet in String::from_utf8_lossy(&list.stdout).lines() {
             let p = root.join(applet);
             if !p.exists() {
@@ -75,7 +96,11 @@ pub fn busybox_rootfs() -> PathBuf {
         )
         .unwrap();
         std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
-        let st = Command::new("chown").args(["-R", PERFBOX_USER]).arg(&root).status().unwrap();
+        let st = Command::new("chown")
+            .args(["-R", PERFBOX_USER])
+            .arg(&root)
+            .status()
+            .unwrap();
         assert!(st.success());
         root
     })
@@ -84,7 +109,9 @@ pub fn busybox_rootfs() -> PathBuf {
 
 /// Remove the shared rootfs at the end of a test binary.
 pub fn remove_busybox_rootfs() {
-    let root = Path::new(STATE).join("test").join(format!("rootfs-busybox-{}", std::process::id()));
+    let root = Path::new(STATE)
+        .join("test")
+        .join(format!("rootfs-busybox-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(root);
 }
 
@@ -92,7 +119,9 @@ pub fn remove_busybox_rootfs() {
 pub fn processes_with(marker: &str) -> Vec<u32> {
     let mut found = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == std::process::id() {
             continue;
         }
@@ -113,12 +142,18 @@ pub fn cgroup_v2_host() -> bool {
 
 /// A trial that is ignored, with the reason in its name (libtest prints it as "ignored").
 pub fn skipped(name: &str, reason: &str) -> libtest_mimic::Trial {
-    libtest_mimic::Trial::test(format!("{name} [SKIPPED: {reason}]"), || Ok(())).with_ignored_flag(true)
+    libtest_mimic::Trial::test(format!("{name} [SKIPPED: {reason}]"), || Ok(()))
+        .with_ignored_flag(true)
 }
 
 /// Run an async test body on a fresh runtime, turning panics into failures with the message.
 pub fn block_on<F: std::future::Future<Output = ()>>(f: F) -> Result<(), libtest_mimic::Failed> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(f);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f);
     Ok(())
 }
 

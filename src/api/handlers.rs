@@ -1,0 +1,244 @@
+//! Request handlers: thin translations between HTTP and [`JobService`].
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Multipart, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::jobs::{JobId, JobRecord, JobService, JobStatus, Owner};
+
+/// The caller, from the `Authorization: Bearer` header (None when tokens are off).
+pub struct Caller(pub Owner);
+
+impl FromRequestParts<JobService> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, jobs: &JobService) -> Result<Self, ApiError> {
+        let tokens = &jobs.config().tokens;
+        if tokens.is_empty() {
+            return Ok(Caller(None));
+        }
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::Unauthorized("missing Authorization: Bearer <token>".into())
+            })?;
+        let presented = header.strip_prefix("Bearer ").ok_or_else(|| {
+            ApiError::Unauthorized("Authorization must be: Bearer <token>".into())
+        })?;
+        tokens
+            .iter()
+            .find(|t| constant_time_eq(t.token.as_bytes(), presented.trim().as_bytes()))
+            .map(|t| Caller(Some(t.name.clone())))
+            .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A job id from the path.
+pub fn parse_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse::<JobId>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("job id must be a positive integer, got {raw:?}"))
+        })
+}
+
+fn links(id: JobId) -> Value {
+    json!({
+        "performance": format!("/job/performance/{id}"),
+        "job": format!("/job/{id}"),
+        "logs": format!("/job/{id}/logs"),
+        "spec": format!("/job/{id}/spec"),
+        "cancel": format!("/job/{id}"),
+    })
+}
+
+/// `POST|PUT /job/build`: multipart field `file` holding a Dockerfile.
+pub async fn submit(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected a multipart/form-data upload with a field named \"file\": {e}"
+        ))
+    })?;
+    let max = jobs.config().max_dockerfile_bytes;
+    let mut upload: Option<(String, Vec<u8>)> = None;
+    let mut other_fields = vec![];
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e, max)),
+        };
+        let name = field.name().unwrap_or("").to_string();
+        if name != "file" {
+            other_fields.push(name);
+            continue;
+        }
+        if upload.is_some() {
+            return Err(ApiError::BadRequest(
+                "send exactly one field named \"file\"".into(),
+            ));
+        }
+        let filename = field.file_name().unwrap_or("Dockerfile").to_string();
+        let bytes = field.bytes().await.map_err(|e| multipart_error(e, max))?;
+        upload = Some((filename, bytes.to_vec()));
+    }
+    let (filename, bytes) = upload.ok_or_else(|| {
+        let seen = if other_fields.is_empty() {
+            "no fields".to_string()
+        } else {
+            format!("fields {other_fields:?}")
+        };
+        ApiError::BadRequest(format!(
+            "no multipart field named \"file\" (got {seen}); use: curl -F file=@job.Dockerfile"
+        ))
+    })?;
+    let rec = jobs.submit(&filename, &bytes, owner)?;
+    let body = json!({
+        "id": rec.id,
+        "filename": rec.filename,
+        "status": rec.status,
+        "links": links(rec.id),
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError, max: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge(format!(
+            "upload too large: the Dockerfile limit is {max} bytes"
+        ))
+    } else {
+        ApiError::BadRequest(format!("malformed multipart upload: {}", e.body_text()))
+    }
+}
+
+/// `GET /job/performance/{id}`.
+pub async fn performance(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&raw)?;
+    let rec = jobs.get(id, &owner)?;
+    Ok(Json(match rec.status {
+        JobStatus::Succeeded => json!({ "job": id, "status": rec.status, "perf": rec.perf }),
+        JobStatus::Queued => json!({
+            "job": id, "status": rec.status, "info": rec.status.info(),
+            "queue_position": jobs.queue_position(id)?,
+        }),
+        s if !s.is_terminal() => json!({ "job": id, "status": s, "info": s.info() }),
+        s => json!({ "job": id, "status": s, "error": rec.error.unwrap_or_else(|| s.to_string()) }),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<usize>,
+    before: Option<JobId>,
+}
+
+/// `GET /jobs?limit=50&before=<id>`.
+pub async fn list(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) =
+        query.map_err(|e| ApiError::BadRequest(format!("bad query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let (page, total) = jobs.list(&owner, q.before, limit)?;
+    let next = (page.len() == limit)
+        .then(|| {
+            page.last()
+                .map(|j| format!("/jobs?limit={limit}&before={}", j.id))
+        })
+        .flatten();
+    Ok(Json(json!({ "jobs": page, "total": total, "next": next })))
+}
+
+fn full_record(jobs: &JobService, rec: JobRecord) -> Result<Value, ApiError> {
+    let mut v = serde_json::to_value(&rec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if rec.status == JobStatus::Queued {
+        v["queue_position"] = json!(jobs.queue_position(rec.id)?);
+    }
+    v["links"] = links(rec.id);
+    Ok(v)
+}
+
+/// `GET /job/{id}`.
+pub async fn record(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let rec = jobs.get(parse_id(&raw)?, &owner)?;
+    Ok(Json(full_record(&jobs, rec)?))
+}
+
+/// `DELETE /job/{id}`.
+pub async fn cancel(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let rec = jobs.cancel(parse_id(&raw)?, &owner).await?;
+    Ok(Json(full_record(&jobs, rec)?))
+}
+
+/// `GET /job/{id}/spec`.
+pub async fn spec(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(jobs.spec(parse_id(&raw)?, &owner)?))
+}
+
+/// `GET /healthz` (no token needed).
+pub async fn healthz(State(jobs): State<JobService>) -> Response {
+    let h = jobs.health().await;
+    let status = if h.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(h)).into_response()
+}
+
+/// `GET /metrics`.
+pub async fn metrics(
+    State(jobs): State<JobService>,
+    Caller(_): Caller,
+) -> Result<Response, ApiError> {
+    let text = jobs.metrics_text()?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Unknown routes.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route {}", uri.path()))
+}

@@ -1,0 +1,46 @@
+//! The HTTP API (axum). HTTP only: handlers extract and validate input, call
+//! [`JobService`](crate::jobs::JobService), and shape JSON. Routes (compatible with existing curl
+//! clients of the older service):
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST`/`PUT /job/build` | multipart field `file` = a Dockerfile → 202 `{"id", "filename", "status", "links"}` |
+//! | `GET /job/performance/{id}` | `{"job", "status", "perf"}` / `{"job", "status", "info", "queue_position"}` / `{"job", "status", "error"}` |
+//! | `GET /jobs?limit=&before=` | a page of jobs, newest first |
+//! | `GET /job/{id}` | the full record |
+//! | `GET /job/{id}/logs[?follow=1]` | build log then run log, streamed live with follow |
+//! | `GET /job/{id}/spec` | the OCI config.json the job ran with |
+//! | `DELETE /job/{id}` | cancel |
+//! | `GET /healthz`, `GET /metrics` | health (no token needed) and Prometheus metrics |
+
+mod error;
+mod handlers;
+mod logs;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+pub use error::ApiError;
+
+use crate::jobs::JobService;
+
+/// Multipart framing allowance on top of the Dockerfile size limit.
+const MULTIPART_SLACK: usize = 64 * 1024;
+
+/// The API router.
+pub fn router(jobs: JobService) -> Router {
+    let body_limit = jobs.config().max_dockerfile_bytes + MULTIPART_SLACK;
+    Router::new()
+        .route("/job/build", post(handlers::submit).put(handlers::submit))
+        .route("/job/performance/{id}", get(handlers::performance))
+        .route("/jobs", get(handlers::list))
+        .route("/job/{id}", get(handlers::record).delete(handlers::cancel))
+        .route("/job/{id}/logs", get(logs::logs))
+        .route("/job/{id}/spec", get(handlers::spec))
+        .route("/healthz", get(handlers::healthz))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(jobs)
+}

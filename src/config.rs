@@ -1,0 +1,266 @@
+//! perfbox's configuration: a TOML file (`/etc/perfbox/config.toml` by default), then
+//! `PERFBOX_*` environment variables, then command-line flags — each overriding the previous.
+//! Every option and its default is documented in `systemd/config.example.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::policy::Limits;
+use crate::sandbox::runtime::RuntimeKind;
+
+/// The default config file.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/perfbox/config.toml";
+
+/// One API token and the name its jobs are filed under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    /// Owner name (shown in job records).
+    pub name: String,
+    /// The bearer token.
+    pub token: String,
+}
+
+/// Network for RUN steps of builds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildNetworkSetting {
+    /// No network at all (force-network-mode=none). The default.
+    #[default]
+    None,
+    /// A network that cannot reach the host's loopback, through the separate networked buildkitd
+    /// (`buildkit_net_addr`).
+    Isolated,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listen address.
+    pub bind: String,
+    /// Where the SQLite database and job directories live.
+    pub state_dir: PathBuf,
+    /// buildkitd address: `unix:///path`, `/path` or `tcp://host:port`.
+    pub buildkit_addr: String,
+    /// Network for build RUN steps.
+    pub build_network: BuildNetworkSetting,
+    /// The networked buildkitd used when `build_network = "isolated"`.
+    pub buildkit_net_addr: String,
+    /// OCI runtime.
+    pub runtime: RuntimeKind,
+    /// Unprivileged user that runs containers when perfbox itself runs as root (else: ourselves).
+    pub runtime_user: Option<String>,
+    /// Parent cgroup of job cgroups (inside the hierarchy).
+    pub cgroup_parent: Option<String>,
+    /// Concurrent builds.
+    pub max_concurrent_builds: usize,
+    /// Concurrent runs.
+    pub max_concurrent_runs: usize,
+    /// Wall clock for one build.
+    pub build_timeout_secs: u64,
+    /// Largest Dockerfile accepted.
+    pub max_dockerfile_bytes: usize,
+    /// Jobs waiting at most (further submissions get 503).
+    pub max_queued_jobs: usize,
+    /// Sandbox limits for each run.
+    pub limits: Limits,
+    /// API tokens; empty = no authentication.
+    pub tokens: Vec<Token>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            state_dir: "/var/lib/perfbox/service".into(),
+            buildkit_addr: "unix:///run/perfbox/buildkit/buildkitd.sock".into(),
+            build_network: BuildNetworkSetting::None,
+            buildkit_net_addr: "unix:///run/perfbox/buildkit-net/buildkitd.sock".into(),
+            runtime: RuntimeKind::Runc,
+            runtime_user: None,
+            cgroup_parent: None,
+            max_concurrent_builds: 2,
+            max_concurrent_runs: 4,
+            build_timeout_secs: 600,
+            max_dockerfile_bytes: 1 << 20,
+            max_queued_jobs: 10_000,
+            limits: Limits::default(),
+            tokens: vec![],
+        }
+    }
+}
+
+/// Errors loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An environment variable is not valid.
+    #[error("invalid value for {var}: {message}")]
+    Env {
+        /// Variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The combination is not valid.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load `path` (or the default file if it exists), then apply `PERFBOX_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => Self::from_file(p)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Self::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    /// Parse a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Apply `PERFBOX_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &str, v: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                var: var.into(),
+                message: e.to_string(),
+            })
+        }
+        if let Some(v) = get("PERFBOX_BIND") {
+            self.bind = v;
+        }
+        if let Some(v) = get("PERFBOX_STATE_DIR") {
+            self.state_dir = v.into();
+        }
+        if let Some(v) = get("PERFBOX_BUILDKIT_ADDR") {
+            self.buildkit_addr = v;
+        }
+        if let Some(v) = get("PERFBOX_RUNTIME") {
+            self.runtime = parse("PERFBOX_RUNTIME", v)?;
+        }
+        if let Some(v) = get("PERFBOX_RUNTIME_USER") {
+            self.runtime_user = Some(v);
+        }
+        if let Some(v) = get("PERFBOX_MAX_CONCURRENT_BUILDS") {
+            self.max_concurrent_builds = parse("PERFBOX_MAX_CONCURRENT_BUILDS", v)?;
+        }
+        if let Some(v) = get("PERFBOX_MAX_CONCURRENT_RUNS") {
+            self.max_concurrent_runs = parse("PERFBOX_MAX_CONCURRENT_RUNS", v)?;
+        }
+        if let Some(v) = get("PERFBOX_RUN_TIMEOUT_SECS") {
+            self.limits.timeout_secs = parse("PERFBOX_RUN_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = get("PERFBOX_BUILD_TIMEOUT_SECS") {
+            self.build_timeout_secs = parse("PERFBOX_BUILD_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = get("PERFBOX_MEMORY_BYTES") {
+            self.limits.memory_bytes = parse("PERFBOX_MEMORY_BYTES", v)?;
+        }
+        if let Some(v) = get("PERFBOX_TOKENS") {
+            // name=token,name=token
+            self.tokens = v
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|pair| {
+                    let (name, token) = pair.split_once('=').ok_or_else(|| ConfigError::Env {
+                        var: "PERFBOX_TOKENS".into(),
+                        message: "expected name=token[,name=token...]".into(),
+                    })?;
+                    Ok(Token {
+                        name: name.into(),
+                        token: token.into(),
+                    })
+                })
+                .collect::<Result<_, ConfigError>>()?;
+        }
+        Ok(())
+    }
+
+    /// Reject unusable combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent_builds == 0 || self.max_concurrent_runs == 0 {
+            return Err(ConfigError::Invalid(
+                "max_concurrent_builds and max_concurrent_runs must be >= 1".into(),
+            ));
+        }
+        if self.limits.timeout_secs == 0 || self.build_timeout_secs == 0 {
+            return Err(ConfigError::Invalid("timeouts must be >= 1 second".into()));
+        }
+        if self.tokens.iter().any(|t| t.token.len() < 8) {
+            return Err(ConfigError::Invalid(
+                "every token must be at least 8 characters".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "bind = \"127.0.0.1:9000\"\nruntime = \"crun\"\n[limits]\nmemory_bytes = 1\npids = 2\ncpu_millicores = 3\ntmpfs_bytes = 4\nnofile = 5\nnproc = 6\nfsize_bytes = 7\ntimeout_secs = 8\nlog_bytes = 9\n").unwrap();
+        let mut c = Config::from_file(&f).unwrap();
+        assert_eq!(c.bind, "127.0.0.1:9000");
+        assert_eq!(c.runtime, RuntimeKind::Crun);
+        assert_eq!(c.limits.timeout_secs, 8);
+        assert_eq!(c.max_concurrent_runs, 4, "unset keys keep defaults");
+        c.apply_env(|k| match k {
+            "PERFBOX_RUNTIME" => Some("youki".into()),
+            "PERFBOX_TOKENS" => Some("alice=aaaaaaaaaa,bob=bbbbbbbbbb".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.runtime, RuntimeKind::Youki);
+        assert_eq!(c.tokens.len(), 2);
+        c.validate().unwrap();
+        std::fs::write(&f, "bogus_option = 1\n").unwrap();
+        assert!(matches!(
+            Config::from_file(&f),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(
+            c.apply_env(|k| (k == "PERFBOX_RUNTIME").then(|| "docker".into()))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,625 @@
+//! Jobs: the state machine ([`state`]), the durable store ([`store`]), and the service that
+//! moves each job through it — a FIFO queue feeding a bounded pool of build slots and a
+//! separate pool of run slots, with cancellation, restart recovery and metrics.
+//!
+//! A job's directory (`<state_dir>/jobs/<id>/`, mode 0700) holds `Dockerfile`, `build.log`,
+//! `run.log`, `config.json` (the OCI spec it ran with) and `out/` (its /data). The image's
+//! root filesystem is unpacked to `rootfs/` for the run and removed afterwards.
+
+pub mod metrics;
+pub mod state;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::buildkit::{
+    BuildError, BuildLog, BuildNetwork, BuildRequest, BuildkitClient, FileLog, ImageBuilder,
+};
+use crate::config::{BuildNetworkSetting, Config};
+use crate::sandbox::perf::PerfError;
+use crate::sandbox::{RunEnd, RunRequest, Sandbox};
+pub use state::JobStatus;
+pub use store::{JobId, JobRecord, Patch, Store, StoreError};
+
+/// Build log file name in a job dir.
+pub const BUILD_LOG: &str = "build.log";
+/// Dockerfile name in a job dir.
+pub const DOCKERFILE: &str = "Dockerfile";
+const ROOTFS: &str = "rootfs";
+
+/// Why a submission or request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The Dockerfile is unusable (empty, not UTF-8, too large...).
+    #[error("{0}")]
+    InvalidDockerfile(String),
+    /// Too large.
+    #[error("Dockerfile is {size} bytes; the limit is {max}")]
+    TooLarge {
+        /// Size.
+        size: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The queue is full.
+    #[error("the job queue is full ({0} jobs waiting); try again later")]
+    QueueFull(usize),
+    /// No such job (or not visible to this token).
+    #[error("no job {0}")]
+    NotFound(JobId),
+    /// The job cannot do that in its status.
+    #[error("job {id} is already {status}")]
+    Finished {
+        /// Job.
+        id: JobId,
+        /// Its status.
+        status: JobStatus,
+    },
+    /// The job has no spec yet.
+    #[error("job {0} has not run yet, so it has no sandbox spec")]
+    NoSpec(JobId),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Filesystem failure.
+    #[error("job storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Who is asking: `None` when authentication is off (sees everything).
+pub type Owner = Option<String>;
+
+struct Inner {
+    cfg: Config,
+    store: Store,
+    jobs_dir: PathBuf,
+    buildkit: BuildkitClient,
+    sandbox: Sandbox,
+    queue: mpsc::UnboundedSender<JobId>,
+    build_slots: Arc<Semaphore>,
+    run_slots: Arc<Semaphore>,
+    active: Mutex<HashMap<JobId, (CancellationToken, tokio::sync::watch::Receiver<bool>)>>,
+    metrics: metrics::Metrics,
+}
+
+/// The job service (cheap to clone).
+#[derive(Clone)]
+pub struct JobService {
+    inner: Arc<Inner>,
+}
+
+/// Health of the service's dependencies.
+#[derive(Debug, serde::Serialize)]
+pub struct Health {
+    /// All good.
+    pub ok: bool,
+    /// buildkitd version, or the error.
+    pub buildkit: Result<String, String>,
+    /// Runtime version, or the error.
+    pub runtime: Result<String, String>,
+    /// State dir writable, or the error.
+    pub state_dir: Result<String, String>,
+    /// cgroup layout for job limits.
+    pub cgroups: String,
+}
+
+impl JobService {
+    /// Open the store, recover from a previous run, and start the queue. Must be called within
+    /// a tokio runtime.
+    pub async fn start(
+        cfg: Config,
+        buildkit: BuildkitClient,
+        sandbox: Sandbox,
+    ) -> Result<Self, JobError> {
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        let jobs_dir = cfg.state_dir.join("jobs");
+        std::fs::create_dir_all(&jobs_dir)?;
+        let store = Store::open(&cfg.state_dir.join("jobs.db"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            build_slots: Arc::new(Semaphore::new(cfg.max_concurrent_builds)),
+            run_slots: Arc::new(Semaphore::new(cfg.max_concurrent_runs)),
+            cfg,
+            store,
+            jobs_dir,
+            buildkit,
+            sandbox,
+            queue: tx,
+            active: Mutex::new(HashMap::new()),
+            metrics: metrics::Metrics::default(),
+        });
+        let svc = JobService { inner };
+        svc.recover().await?;
+        tokio::spawn(svc.clone().dispatch(rx));
+        Ok(svc)
+    }
+
+    /// A job that was building or running when perfbox died is marked interrupted (its
+    /// container, if still alive, is killed and deleted); queued jobs are queued again in order.
+    async fn recover(&self) -> Result<(), JobError> {
+        let store = &self.inner.store;
+        for status in [JobStatus::Building, JobStatus::Running] {
+            for id in store.ids_in(status)? {
+                let dir = self.job_dir(id);
+                self.inner.sandbox.reap(&dir).await;
+                let _ = std::fs::remove_dir_all(dir.join(ROOTFS));
+                store.transition(
+                    id,
+                    JobStatus::Interrupted,
+                    Patch {
+                        error: Some(format!(
+                            "perfbox stopped while the job was {status}; it did not finish"
+                        )),
+                        ..Default::default()
+                    },
+                )?;
+                tracing::warn!(job = id, "marked interrupted after restart");
+            }
+        }
+        for id in store.ids_in(JobStatus::Queued)? {
+            self.inner.metrics.enqueue();
+            let _ = self.inner.queue.send(id);
+        }
+        Ok(())
+    }
+
+    /// The directory of a job.
+    pub fn job_dir(&self, id: JobId) -> PathBuf {
+        self.inner.jobs_dir.join(id.to_string())
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// Accept a Dockerfile: validate, record, queue. Never waits for the build.
+    pub fn submit(
+        &self,
+        filename: &str,
+        dockerfile: &[u8],
+        owner: Owner,
+    ) -> Result<JobRecord, JobError> {
+        let max = self.inner.cfg.max_dockerfile_bytes;
+        if dockerfile.len() > max {
+            return Err(JobError::TooLarge {
+                size: dockerfile.len(),
+                max,
+            });
+        }
+        let text = std::str::from_utf8(dockerfile).map_err(|e| {
+            JobError::InvalidDockerfile(format!("the Dockerfile is not UTF-8 text: {e}"))
+        })?;
+        if text.trim().is_empty() {
+            return Err(JobError::InvalidDockerfile(
+                "the Dockerfile is empty".into(),
+            ));
+        }
+        if text.contains('\0') {
+            return Err(JobError::InvalidDockerfile(
+                "the Dockerfile contains NUL bytes".into(),
+            ));
+        }
+        let queued = self.inner.metrics.queued();
+        if queued >= self.inner.cfg.max_queued_jobs {
+            return Err(JobError::QueueFull(queued));
+        }
+        let filename = sanitize_filename(filename);
+        let sha = hex::encode(Sha256::digest(dockerfile));
+        let rec = self.inner.store.insert(&filename, owner.as_deref(), &sha)?;
+        let dir = self.job_dir(rec.id);
+        let written = (|| {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(DOCKERFILE), dockerfile)
+        })();
+        if let Err(e) = written {
+            let _ = self.inner.store.transition(
+                rec.id,
+                JobStatus::Cancelled,
+                Patch {
+                    error: Some(format!("could not store the Dockerfile: {e}")),
+                    ..Default::default()
+                },
+            );
+            return Err(e.into());
+        }
+        self.inner.metrics.enqueue();
+        let _ = self.inner.queue.send(rec.id);
+        Ok(rec)
+    }
+
+    /// A job, if `owner` may see it.
+    pub fn get(&self, id: JobId, owner: &Owner) -> Result<JobRecord, JobError> {
+        match self.inner.store.get(id)? {
+            Some(r) if owner.is_none() || r.owner == *owner => Ok(r),
+            _ => Err(JobError::NotFound(id)),
+        }
+    }
+
+    /// Queued jobs ahead of this one.
+    pub fn queue_position(&self, id: JobId) -> Result<i64, JobError> {
+        Ok(self.inner.store.queue_position(id)?)
+    }
+
+    /// A page of jobs visible to `owner`, newest first.
+    pub fn list(
+        &self,
+        owner: &Owner,
+        before: Option<JobId>,
+        limit: usize,
+    ) -> Result<(Vec<JobRecord>, i64), JobError> {
+        let jobs = self.inner.store.list(owner.as_deref(), before, limit)?;
+        Ok((jobs, self.inner.store.count(owner.as_deref())?))
+    }
+
+    /// The OCI spec the job ran with (its config.json, verbatim).
+    pub fn spec(&self, id: JobId, owner: &Owner) -> Result<serde_json::Value, JobError> {
+        self.get(id, owner)?;
+        let path = self.job_dir(id).join(crate::sandbox::SPEC_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|_| JobError::NoSpec(id))?;
+        serde_json::from_str(&text).map_err(|_| JobError::NoSpec(id))
+    }
+
+    /// The log files of a job, build first.
+    pub fn log_paths(&self, id: JobId, owner: &Owner) -> Result<[PathBuf; 2], JobError> {
+        self.get(id, owner)?;
+        let dir = self.job_dir(id);
+        Ok([dir.join(BUILD_LOG), dir.join(crate::sandbox::RUN_LOG)])
+    }
+
+    /// Cancel a job: a queued one at once; a building or running one by stopping the build or
+    /// killing the container, waiting until that is done (so no container is left on return).
+    pub async fn cancel(&self, id: JobId, owner: &Owner) -> Result<JobRecord, JobError> {
+        let rec = self.get(id, owner)?;
+        if rec.status.is_terminal() {
+            return Err(JobError::Finished {
+                id,
+                status: rec.status,
+            });
+        }
+        let active = self
+            .inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        match active {
+            Some((token, mut done)) => {
+                token.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(30), done.wait_for(|d| *d)).await;
+            }
+            None => {
+                match self.inner.store.transition(
+                    id,
+                    JobStatus::Cancelled,
+                    Patch {
+                        error: Some("cancelled by request before it started".into()),
+                        ..Default::default()
+                    },
+                ) {
+                    Ok(_) => self.inner.metrics.dequeue(),
+                    // It started meanwhile: cancel the running work instead.
+                    Err(StoreError::IncorrectStatus { .. }) => {
+                        return Box::pin(self.cancel(id, owner)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.get(id, owner)
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> Result<String, JobError> {
+        let counts = self.inner.store.counts()?;
+        Ok(self.inner.metrics.render(&counts))
+    }
+
+    /// Check buildkitd, the runtime and the state dir.
+    pub async fn health(&self) -> Health {
+        let buildkit = match tokio::time::timeout(
+            Duration::from_secs(3),
+            self.inner.buildkit.health(),
+        )
+        .await
+        {
+            Ok(Ok(info)) => Ok(info.version),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 3 s".into()),
+        };
+        let runtime = self
+            .inner
+            .sandbox
+            .runtime()
+            .version()
+            .await
+            .map_err(|e| e.to_string());
+        let probe = self
+            .inner
+            .cfg
+            .state_dir
+            .join(format!(".healthz-{}", std::process::id()));
+        let state_dir = std::fs::write(&probe, b"ok")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map(|_| self.inner.cfg.state_dir.display().to_string())
+            .map_err(|e| format!("{}: {e}", self.inner.cfg.state_dir.display()));
+        Health {
+            ok: buildkit.is_ok() && runtime.is_ok() && state_dir.is_ok(),
+            buildkit,
+            runtime,
+            state_dir,
+            cgroups: self.inner.sandbox.cgroups().version().to_string(),
+        }
+    }
+
+    /// FIFO: each queued job waits for a build slot in submission order.
+    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<JobId>) {
+        while let Some(id) = rx.recv().await {
+            let Ok(permit) = self.inner.build_slots.clone().acquire_owned().await else {
+                return;
+            };
+            let svc = self.clone();
+            tokio::spawn(async move { svc.process(id, permit).await });
+        }
+    }
+
+    async fn process(self, id: JobId, build_permit: tokio::sync::OwnedSemaphorePermit) {
+        let token = CancellationToken::new();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        // Register before leaving `queued`, so a DELETE sees either queued or this token.
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (token.clone(), done_rx));
+        match self
+            .inner
+            .store
+            .transition(id, JobStatus::Building, Patch::default())
+        {
+            Ok(_) => {
+                self.inner.metrics.dequeue();
+                let dir = self.job_dir(id);
+                let (status, patch) = self.build_and_run(id, &dir, build_permit, &token).await;
+                let _ = std::fs::remove_dir_all(dir.join(ROOTFS));
+                if let Err(e) = self.inner.store.transition(id, status, patch) {
+                    tracing::error!(job = id, error = %e, "could not record the job's end");
+                }
+                tracing::info!(job = id, status = %status, "job finished");
+            }
+            Err(_) => drop(build_permit), // cancelled while queued
+        }
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let _ = done_tx.send(true);
+    }
+
+    async fn build_and_run(
+        &self,
+        id: JobId,
+        dir: &Path,
+        build_permit: tokio::sync::OwnedSemaphorePermit,
+        token: &CancellationToken,
+    ) -> (JobStatus, Patch) {
+        let fail = |status: JobStatus, error: String| {
+            (
+                status,
+                Patch {
+                    error: Some(error),
+                    ..Default::default()
+                },
+            )
+        };
+        let cfg = &self.inner.cfg;
+        let dockerfile = match std::fs::read(dir.join(DOCKERFILE)) {
+            Ok(d) => d,
+            Err(e) => {
+                return fail(
+                    JobStatus::BuildFailed,
+                    format!("cannot read the stored Dockerfile: {e}"),
+                );
+            }
+        };
+        // --- build ---
+        let log: Arc<dyn BuildLog> = match FileLog::append(&dir.join(BUILD_LOG)) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                return fail(
+                    JobStatus::BuildFailed,
+                    format!("cannot create build.log: {e}"),
+                );
+            }
+        };
+        let rootfs = dir.join(ROOTFS);
+        let _ = std::fs::remove_dir_all(&rootfs);
+        let mut req = BuildRequest::new(dockerfile, rootfs.clone());
+        req.network = match cfg.build_network {
+            BuildNetworkSetting::None => BuildNetwork::None,
+            BuildNetworkSetting::Isolated => BuildNetwork::Sandbox,
+        };
+        req.cancel = token.child_token();
+        let started = Instant::now();
+        let timeout = Duration::from_secs(cfg.build_timeout_secs);
+        let built =
+            match tokio::time::timeout(timeout, self.inner.buildkit.build_image(req, log.clone()))
+                .await
+            {
+                Err(_) => {
+                    log.line(&format!(
+                        "perfbox: build exceeded {} s; cancelled",
+                        cfg.build_timeout_secs
+                    ));
+                    return fail(
+                        JobStatus::TimedOut,
+                        format!(
+                            "the build exceeded its {} s limit and was cancelled",
+                            cfg.build_timeout_secs
+                        ),
+                    );
+                }
+                Ok(Err(BuildError::Cancelled)) => {
+                    return fail(
+                        JobStatus::Cancelled,
+                        "cancelled by request during the build".into(),
+                    );
+                }
+                Ok(Err(e)) => {
+                    log.line(&format!("perfbox: build failed: {e}"));
+                    return fail(JobStatus::BuildFailed, e.to_string());
+                }
+                Ok(Ok(b)) => b,
+            };
+        self.inner.metrics.observe("build", started.elapsed());
+        drop(build_permit);
+        let built_patch = Patch {
+            image_digest: built.config_digest.clone(),
+            cached_steps: Some(built.cached_steps as i64),
+            total_steps: Some(built.total_steps as i64),
+            ..Default::default()
+        };
+        // --- wait for a run slot, then run ---
+        let run_permit = tokio::select! {
+            p = self.inner.run_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return fail(JobStatus::Interrupted, "perfbox is shutting down".into()) },
+            _ = token.cancelled() => return fail(JobStatus::Cancelled, "cancelled by request before the run".into()),
+        };
+        if let Err(e) = self
+            .inner
+            .store
+            .transition(id, JobStatus::Running, built_patch)
+        {
+            return fail(
+                JobStatus::Interrupted,
+                format!("cannot record the run: {e}"),
+            );
+        }
+        let container_id = format!(
+            "perfbox-{id}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let started = Instant::now();
+        let report = self
+            .inner
+            .sandbox
+            .run(RunRequest {
+                job_dir: dir,
+                rootfs: &rootfs,
+                image: &built.config,
+                container_id: &container_id,
+                limits: None,
+                cancel: token.child_token(),
+            })
+            .await;
+        drop(run_permit);
+        self.inner.metrics.observe("run", started.elapsed());
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                return fail(
+                    JobStatus::RunFailed,
+                    format!("the sandbox could not run the image: {e}"),
+                );
+            }
+        };
+        let mut patch = Patch {
+            runtime: Some(report.runtime.to_string()),
+            cgroup: Some(report.cgroup_version.to_string()),
+            limits: serde_json::to_value(&report.applied).ok(),
+            oom_killed: Some(report.oom_killed),
+            ..Default::default()
+        };
+        let last_line = report
+            .log_tail
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
+        let (status, error) = match (&report.end, &report.perf) {
+            (RunEnd::Cancelled, _) => (
+                JobStatus::Cancelled,
+                Some("cancelled by request while running; the container was killed".into()),
+            ),
+            (RunEnd::TimedOut { after_secs }, _) => (
+                JobStatus::TimedOut,
+                Some(format!(
+                    "the run exceeded its {after_secs} s limit; the container was killed"
+                )),
+            ),
+            (RunEnd::Exited { code }, _) if report.oom_killed => {
+                patch.exit_code = Some(i64::from(*code));
+                (
+                    JobStatus::RunFailed,
+                    Some(format!(
+                        "out of memory: the container was killed by the OOM killer at its {} byte memory limit",
+                        self.inner.sandbox.limits().memory_bytes
+                    )),
+                )
+            }
+            (RunEnd::Exited { code }, _) if *code != 0 => {
+                patch.exit_code = Some(i64::from(*code));
+                let tail = if last_line.is_empty() {
+                    String::new()
+                } else {
+                    format!("; last output: {last_line}")
+                };
+                (
+                    JobStatus::RunFailed,
+                    Some(format!("the container exited with code {code}{tail}")),
+                )
+            }
+            (RunEnd::Exited { .. }, Ok(perf)) => {
+                patch.exit_code = Some(0);
+                patch.perf = Some(*perf);
+                (JobStatus::Succeeded, None)
+            }
+            (RunEnd::Exited { .. }, Err(PerfError::Missing)) => {
+                patch.exit_code = Some(0);
+                (
+                    JobStatus::NoPerf,
+                    Some("the container exited 0 but wrote no /data/perf.json".into()),
+                )
+            }
+            (RunEnd::Exited { .. }, Err(e)) => {
+                patch.exit_code = Some(0);
+                (JobStatus::InvalidPerf, Some(e.to_string()))
+            }
+        };
+        patch.error = error;
+        (status, patch)
+    }
+}
+
+/// A safe display name for an uploaded file (it is only shown, never used as a path).
+fn sanitize_filename(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let clean: String = base.chars().filter(|c| !c.is_control()).take(255).collect();
+    if clean.is_empty() {
+        "Dockerfile".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn filenames_are_display_only() {
+        assert_eq!(super::sanitize_filename("../../etc/passwd"), "passwd");
+        assert_eq!(super::sanitize_filename(""), "Dockerfile");
+        assert_eq!(
+            super::sanitize_filename("job\n.Dockerfile"),
+            "job.Dockerfile"
+        );
+    }
+}
