@@ -494,8 +494,8 @@ fn cancellation_stops_the_solve() -> Result<(), Failed> {
         let cancel = req.cancel.clone();
         let log = MemoryLog::new();
         let (result, cancelled_at) = rt.block_on(async {
-            let build = client.build(req, log.clone());
-            tokio::pin!(build);
+            // Boxed so that `drop(build)` below really drops the future.
+            let mut build = Box::pin(client.build(req, log.clone()));
             // Wait until the RUN process exists on the host, then one more second.
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {

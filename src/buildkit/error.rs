@@ -163,13 +163,13 @@ impl ErrorDetails {
                         .ok()
                         .and_then(|v| source_line(&v));
                 }
-            } else if url.ends_with("ExitMessage+json") {
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&any.value) {
-                    let code = v.get("Code").or_else(|| v.get("code"));
-                    out.exit_code = code
-                        .and_then(serde_json::Value::as_i64)
-                        .and_then(|c| i32::try_from(c).ok());
-                }
+            } else if url.ends_with("ExitMessage+json")
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&any.value)
+            {
+                let code = v.get("Code").or_else(|| v.get("code"));
+                out.exit_code = code
+                    .and_then(serde_json::Value::as_i64)
+                    .and_then(|c| i32::try_from(c).ok());
             }
         }
         out
