@@ -264,3 +264,26 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example documents every option with its real default.
+    #[test]
+    fn example_config_is_complete_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/config.example.toml");
+        let example = Config::from_file(&path).unwrap();
+        assert_eq!(example, Config::default());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::to_string(&Config::default()).unwrap();
+        for line in defaults.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            let documented = text.contains(&format!("{key} =")) || text.contains(&format!("[[{key}]]"));
+            assert!(documented, "option {key} is not documented in the example");
+        }
+        for key in ["runtime_user", "cgroup_parent", "tokens"] {
+            assert!(text.contains(key), "{key} is not documented");
+        }
+    }
+}
