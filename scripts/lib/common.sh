@@ -8,6 +8,9 @@ PERFBOX_REGISTRY=${PERFBOX_REGISTRY:-127.0.0.1:5000}
 BUILDKIT_VERSION=v0.13.2
 YOUKI_VERSION=0.7.0
 BUILDKIT_SOCKET="$PERFBOX_RUN/buildkit/buildkitd.sock"
+# The opt-in networked rootless buildkitd (scripts/buildkitd-net): RUN steps get a network, not
+# the host's loopback.
+BUILDKIT_NET_SOCKET="$PERFBOX_RUN/buildkit-net/buildkitd.sock"
 PERFBOX_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 say() { printf '[setup] %s\n' "$*"; }
