@@ -118,6 +118,12 @@ fn probe(kind: RuntimeKind) -> Result<(), String> {
     })
 }
 
+/// The runtime the attack trials use: `PERFBOX_TEST_RUNTIME` (runc, crun or youki), default runc.
+/// The cgroup v2 VM test runs this binary once per runtime.
+fn attack_runtime() -> RuntimeKind {
+    std::env::var("PERFBOX_TEST_RUNTIME").ok().map(|v| v.parse().expect("PERFBOX_TEST_RUNTIME")).unwrap_or(RuntimeKind::Runc)
+}
+
 fn tests() -> Vec<Trial> {
     let mut trials = vec![];
     for kind in [RuntimeKind::Runc, RuntimeKind::Crun, RuntimeKind::Youki] {
@@ -187,7 +193,7 @@ fn tests() -> Vec<Trial> {
 
 fn identity_and_capabilities() {
     block_on(async {
-        let (job, r) = run(RuntimeKind::Runc, &shell(
+        let (job, r) = run(attack_runtime(), &shell(
             "id -u > /data/uid; cat /proc/self/uid_map > /data/uid_map; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status > /data/status",
         )).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
@@ -212,7 +218,7 @@ fn writable_paths() {
         let script = r#"for p in / /bin /etc /root /proc/sys/kernel/hostname /sys/kernel /dev/x /tmp /data; do
             if touch "$p/perfbox-probe" 2>/dev/null || echo x > "$p" 2>/dev/null; then echo "$p writable"; else echo "$p denied"; fi; done > /data/w
             dd if=/dev/zero of=/tmp/fill bs=1M count=100 2>/dev/null; ls -l /tmp/fill | awk '{print $5}' > /data/tmpsize"#;
-        let (job, r) = run(RuntimeKind::Runc, &shell(script)).await;
+        let (job, r) = run(attack_runtime(), &shell(script)).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         let w = out(&job, "w");
         for p in ["/ ", "/bin ", "/etc ", "/root ", "/proc/sys/kernel/hostname ", "/sys/kernel "] {
@@ -235,7 +241,7 @@ fn network_isolation() {
             "ls /sys/class/net > /data/ifaces; cat /proc/net/route > /data/route; cat /proc/net/if_inet6 > /data/inet6 2>/dev/null;
              if nc -w 2 127.0.0.1 {port} </dev/null; then echo reached; else echo blocked; fi > /data/nc"
         );
-        let (job, r) = run(RuntimeKind::Runc, &shell(&script)).await;
+        let (job, r) = run(attack_runtime(), &shell(&script)).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         assert_eq!(out(&job, "ifaces").split_whitespace().collect::<Vec<_>>(), vec!["lo"]);
         assert_eq!(out(&job, "route").lines().count(), 1, "routing table must be empty: {}", out(&job, "route"));
@@ -254,7 +260,7 @@ fn image_config_honoured() {
             working_dir: Some("/tmp".into()),
             user: Some("user".into()),
         };
-        let (job, r) = run(RuntimeKind::Runc, &image).await;
+        let (job, r) = run(attack_runtime(), &image).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         assert_eq!(r.perf, Ok(1000.0), "USER user must run as uid 1000 (subuid mapping)");
         assert_eq!(out(&job, "pwd").trim(), "/tmp");
@@ -262,13 +268,13 @@ fn image_config_honoured() {
         assert_eq!(out(&job, "home").trim(), "/home/user");
         // Exec form without a shell: the argv is passed as is.
         let exec = ImageConfig { cmd: Some(vec!["/bin/touch".into(), "/data/exec form".into()]), ..Default::default() };
-        let (job, r) = run(RuntimeKind::Runc, &exec).await;
+        let (job, r) = run(attack_runtime(), &exec).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         assert!(job.path().join("out/exec form").exists());
         // A USER the image does not know is a clear error, not a run as root.
         let job = TestDir::new("job");
         let bad = ImageConfig { user: Some("ghost".into()), ..shell("true") };
-        let err = sandbox(RuntimeKind::Runc)
+        let err = sandbox(attack_runtime())
             .run(RunRequest { job_dir: job.path(), rootfs: &busybox_rootfs(), image: &bad, container_id: "ghost", limits: None, cancel: CancellationToken::new() })
             .await
             .unwrap_err();
@@ -279,7 +285,7 @@ fn image_config_honoured() {
 
 fn concurrent_jobs_isolated() {
     block_on(async {
-        let sb = sandbox(RuntimeKind::Runc);
+        let sb = sandbox(attack_runtime());
         let (a, b) = (TestDir::new("job-a"), TestDir::new("job-b"));
         let img_a = shell("echo secret-a > /data/secret; sleep 2; ls -a /data > /data/seen");
         let img_b = shell("sleep 1; ls -a /data > /data/seen; find / -xdev -name secret 2>/dev/null > /data/found; cat /data/secret 2>&1 > /data/cat || true");
@@ -303,7 +309,7 @@ fn perf_symlink() {
             .join(format!("host-secret-{}", std::process::id()));
         std::fs::write(&secret, r#"{"perf": 42}"#).unwrap();
         let script = format!("ln -s {} /data/perf.json", secret.display());
-        let (_job, r) = run(RuntimeKind::Runc, &shell(&script)).await;
+        let (_job, r) = run(attack_runtime(), &shell(&script)).await;
         let _ = std::fs::remove_file(&secret);
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         assert_eq!(
@@ -313,7 +319,7 @@ fn perf_symlink() {
         );
         // A symlinked parent is refused too: /data itself cannot be swapped, so try a dir link.
         let (_job, r) = run(
-            RuntimeKind::Runc,
+            attack_runtime(),
             &shell("mkdir /data/d; ln -s /etc /data/perf.json"),
         )
         .await;
@@ -325,7 +331,7 @@ fn perf_symlink() {
 fn perf_huge() {
     block_on(async {
         let started = Instant::now();
-        let (_job, r) = run(RuntimeKind::Runc, &shell("truncate -s 1G /data/perf.json")).await;
+        let (_job, r) = run(attack_runtime(), &shell("truncate -s 1G /data/perf.json")).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         assert_eq!(r.perf, Err(PerfError::TooBig(1 << 30)));
         assert!(started.elapsed() < Duration::from_secs(20));
@@ -336,7 +342,7 @@ fn perf_huge() {
 fn perf_fifo() {
     block_on(async {
         let started = Instant::now();
-        let (_job, r) = run(RuntimeKind::Runc, &shell("mkfifo /data/perf.json")).await;
+        let (_job, r) = run(attack_runtime(), &shell("mkfifo /data/perf.json")).await;
         assert_eq!(r.perf, Err(PerfError::NotRegular("FIFO")));
         assert!(
             started.elapsed() < Duration::from_secs(20),
@@ -364,7 +370,7 @@ fn perf_garbage() {
             }),
         ];
         for (script, ok) in cases {
-            let (_job, r) = run(RuntimeKind::Runc, &shell(script)).await;
+            let (_job, r) = run(attack_runtime(), &shell(script)).await;
             assert!(ok(&r.perf), "{script}: got {:?}", r.perf);
         }
     })
@@ -385,7 +391,7 @@ fn timeout_kills() {
         let limits = short(2);
         let started = Instant::now();
         let r = run_with(
-            &sandbox(RuntimeKind::Runc),
+            &sandbox(attack_runtime()),
             &job,
             &shell(&format!("sleep {marker}")),
             Some(&limits),
@@ -414,7 +420,7 @@ fn sigstop_killed() {
         let limits = short(2);
         let script = format!("sh -c 'kill -STOP $$; echo {marker}' ; kill -STOP $$");
         let r = run_with(
-            &sandbox(RuntimeKind::Runc),
+            &sandbox(attack_runtime()),
             &job,
             &shell(&script),
             Some(&limits),
@@ -442,7 +448,7 @@ fn cancellation() {
             c2.cancel();
         });
         let r = run_with(
-            &sandbox(RuntimeKind::Runc),
+            &sandbox(attack_runtime()),
             &job,
             &shell(&format!("sleep {marker}")),
             None,
@@ -454,7 +460,7 @@ fn cancellation() {
         // Dropping the run future midway cleans up too.
         let job = TestDir::new("job");
         let marker2 = format!("3000.{}", std::process::id());
-        let sb = sandbox(RuntimeKind::Runc);
+        let sb = sandbox(attack_runtime());
         let img = shell(&format!("sleep {marker2}"));
         let fut = run_with(&sb, &job, &img, None, CancellationToken::new());
         let _ = tokio::time::timeout(Duration::from_millis(1500), fut).await;
@@ -477,7 +483,7 @@ fn fork_bomb() {
             ..Limits::default()
         };
         let r = run_with(
-            &sandbox(RuntimeKind::Runc),
+            &sandbox(attack_runtime()),
             &job,
             &shell("bomb() { bomb | bomb & }; bomb; sleep 60"),
             Some(&limits),
@@ -507,7 +513,7 @@ fn fork_bomb() {
 
 fn memory_limit() {
     block_on(async {
-        let sb = sandbox(RuntimeKind::Runc);
+        let sb = sandbox(attack_runtime());
         let job = TestDir::new("job");
         let limits = Limits {
             memory_bytes: 64 << 20,
@@ -547,7 +553,7 @@ fn log_capped() {
             ..Limits::default()
         };
         let r = run_with(
-            &sandbox(RuntimeKind::Runc),
+            &sandbox(attack_runtime()),
             &job,
             &shell("yes perfbox | head -c 1000000; echo done >&2"),
             Some(&limits),
@@ -568,7 +574,7 @@ fn log_capped() {
 
 fn seccomp_denies() {
     block_on(async {
-        let (job, r) = run(RuntimeKind::Runc, &shell(
+        let (job, r) = run(attack_runtime(), &shell(
             "unshare -r true 2>&1; echo unshare=$? > /data/r; mount -t tmpfs x /mnt 2>&1; echo mount=$? >> /data/r; nsenter -t 1 -m true; echo nsenter=$? >> /data/r",
         )).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
