@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::buildkit::export::ExportSink;
@@ -19,12 +20,16 @@ use crate::buildkit::proto::filesync::{BytesMessage, FileSend};
 #[derive(Debug)]
 pub(crate) struct FileSendService {
     sink: Mutex<Option<ExportSink>>,
+    /// Cancelled when the session ends, so a transfer cut off mid-way releases the sink (and the
+    /// unpacker sees the end of its input) even if the h2 stream is never told.
+    session_end: CancellationToken,
 }
 
 impl FileSendService {
-    pub(crate) fn new(sink: ExportSink) -> Self {
+    pub(crate) fn new(sink: ExportSink, session_end: CancellationToken) -> Self {
         Self {
             sink: Mutex::new(Some(sink)),
+            session_end,
         }
     }
 }
@@ -44,10 +49,19 @@ impl FileSend for FileSendService {
             .take()
             .ok_or_else(|| Status::failed_precondition("this session accepts a single export"))?;
         let mut stream = request.into_inner();
-        while let Some(msg) = stream.message().await? {
-            sink.send(Bytes::from(msg.data))
-                .await
-                .map_err(|()| Status::aborted("perfbox stopped unpacking the export"))?;
+        let ended = || Status::cancelled("session ended during the export");
+        loop {
+            let msg = tokio::select! {
+                () = self.session_end.cancelled() => return Err(ended()),
+                msg = stream.message() => msg?,
+            };
+            let Some(msg) = msg else { break };
+            tokio::select! {
+                () = self.session_end.cancelled() => return Err(ended()),
+                sent = sink.send(Bytes::from(msg.data)) => {
+                    sent.map_err(|()| Status::aborted("perfbox stopped unpacking the export"))?;
+                }
+            }
         }
         // Dropping the sink tells the unpacker the tar is complete.
         drop(sink);

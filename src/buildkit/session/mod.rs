@@ -58,6 +58,7 @@ const AUTH_METHODS: [&str; 4] = [
 pub(crate) struct Session {
     id: String,
     _task: AbortOnDrop<()>,
+    _end: tokio_util::sync::DropGuard,
 }
 
 impl Session {
@@ -75,8 +76,9 @@ impl Session {
         credentials: &RegistryCredentials,
     ) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let end = tokio_util::sync::CancellationToken::new();
         let mut routes = Routes::new(HealthServer::new(HealthService)).add_service(
-            FileSendServer::new(FileSendService::new(export))
+            FileSendServer::new(FileSendService::new(export, end.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
         );
         let mut methods: Vec<&str> = METHODS.to_vec();
@@ -88,6 +90,7 @@ impl Session {
         Self {
             id,
             _task: AbortOnDrop::new(task),
+            _end: end.drop_guard(),
         }
     }
 }
