@@ -64,6 +64,8 @@ pub struct Config {
     pub max_dockerfile_bytes: usize,
     /// Jobs waiting at most (further submissions get 503).
     pub max_queued_jobs: usize,
+    /// Size bound of the shared image cache (root filesystems), LRU-evicted, never under a job.
+    pub image_cache_bytes: u64,
     /// Sandbox limits for each run.
     pub limits: Limits,
     /// API tokens; empty = no authentication.
@@ -86,6 +88,7 @@ impl Default for Config {
             build_timeout_secs: 600,
             max_dockerfile_bytes: 1 << 20,
             max_queued_jobs: 10_000,
+            image_cache_bytes: 10 << 30,
             limits: Limits::default(),
             tokens: vec![],
         }

@@ -419,6 +419,23 @@ fn logs_follow() -> Result<(), Failed> {
     Ok(())
 }
 
+fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
+    let s = shared();
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let df = format!("FROM busybox\nRUN echo {nonce} > /nonce\nCMD echo \"{{\\\"perf\\\": $(wc -c < /nonce)}}\" > /data/perf.json\n");
+    let first = s.submit(&df);
+    assert_eq!(s.wait(first)["perf"], 33.0);
+    let second = s.submit(&df);
+    assert_eq!(s.wait(second)["perf"], 33.0);
+    let rec = |id: i64| s.curl(&[&format!("/job/{id}")]).1;
+    assert_eq!(rec(first)["image_cache"], "miss");
+    assert_eq!(rec(second)["image_cache"], "hit", "{}", rec(second));
+    assert_eq!(rec(first)["image_digest"], rec(second)["image_digest"]);
+    let (_, logs) = s.curl(&[&format!("/job/{second}/logs")]);
+    assert!(logs.as_str().unwrap().contains("reusing its cached image"), "{logs}");
+    Ok(())
+}
+
 fn main() {
     require_setup();
     let args = Arguments::from_args();
@@ -433,6 +450,7 @@ fn main() {
         Trial::test("healthz_metrics_and_pagination", health_metrics_pages),
         Trial::test("job_cannot_reach_the_api_at_build_or_run_time", job_cannot_reach_the_api),
         Trial::test("logs_follow_streams_until_the_job_ends", logs_follow),
+        Trial::test("resubmission_reuses_the_cached_image", resubmission_reuses_the_cached_image),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     stop_all();

@@ -3,9 +3,10 @@
 //! separate pool of run slots, with cancellation, restart recovery and metrics.
 //!
 //! A job's directory (`<state_dir>/jobs/<id>/`, mode 0700) holds `Dockerfile`, `build.log`,
-//! `run.log`, `config.json` (the OCI spec it ran with) and `out/` (its /data). The image's
-//! root filesystem is unpacked to `rootfs/` for the run and removed afterwards.
+//! `run.log`, `config.json` (the OCI spec it ran with) and `out/` (its /data). Image root
+//! filesystems live in the shared, size-bounded [`images::ImageCache`], not in job dirs.
 
+pub mod images;
 pub mod metrics;
 pub mod state;
 pub mod store;
@@ -32,7 +33,6 @@ pub use store::{JobId, JobRecord, Patch, Store, StoreError};
 pub const BUILD_LOG: &str = "build.log";
 /// Dockerfile name in a job dir.
 pub const DOCKERFILE: &str = "Dockerfile";
-const ROOTFS: &str = "rootfs";
 
 /// Why a submission or request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +87,7 @@ struct Inner {
     run_slots: Arc<Semaphore>,
     active: Mutex<HashMap<JobId, (CancellationToken, tokio::sync::watch::Receiver<bool>)>>,
     metrics: metrics::Metrics,
+    images: images::ImageCache,
 }
 
 /// The job service (cheap to clone).
@@ -122,6 +123,7 @@ impl JobService {
         let jobs_dir = cfg.state_dir.join("jobs");
         std::fs::create_dir_all(&jobs_dir)?;
         let store = Store::open(&cfg.state_dir.join("jobs.db"))?;
+        let images = images::ImageCache::open(&cfg.state_dir.join("images"), cfg.image_cache_bytes)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             build_slots: Arc::new(Semaphore::new(cfg.max_concurrent_builds)),
@@ -134,6 +136,7 @@ impl JobService {
             queue: tx,
             active: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
+            images,
         });
         let svc = JobService { inner };
         svc.recover().await?;
@@ -149,7 +152,6 @@ impl JobService {
             for id in store.ids_in(status)? {
                 let dir = self.job_dir(id);
                 self.inner.sandbox.reap(&dir).await;
-                let _ = std::fs::remove_dir_all(dir.join(ROOTFS));
                 store.transition(
                     id,
                     JobStatus::Interrupted,
@@ -389,7 +391,6 @@ impl JobService {
                 self.inner.metrics.dequeue();
                 let dir = self.job_dir(id);
                 let (status, patch) = self.build_and_run(id, &dir, build_permit, &token).await;
-                let _ = std::fs::remove_dir_all(dir.join(ROOTFS));
                 if let Err(e) = self.inner.store.transition(id, status, patch) {
                     tracing::error!(job = id, error = %e, "could not record the job's end");
                 }
@@ -431,63 +432,70 @@ impl JobService {
                 );
             }
         };
-        // --- build ---
+        // --- the image: from the cache when an identical Dockerfile was built, else BuildKit ---
         let log: Arc<dyn BuildLog> = match FileLog::append(&dir.join(BUILD_LOG)) {
             Ok(l) => Arc::new(l),
-            Err(e) => {
-                return fail(
-                    JobStatus::BuildFailed,
-                    format!("cannot create build.log: {e}"),
-                );
-            }
+            Err(e) => return fail(JobStatus::BuildFailed, format!("cannot create build.log: {e}")),
         };
-        let rootfs = dir.join(ROOTFS);
-        let _ = std::fs::remove_dir_all(&rootfs);
-        let mut req = BuildRequest::new(dockerfile, rootfs.clone());
-        req.network = match cfg.build_network {
-            BuildNetworkSetting::None => BuildNetwork::None,
-            BuildNetworkSetting::Isolated => BuildNetwork::Sandbox,
-        };
-        req.cancel = token.child_token();
+        let sha = hex::encode(Sha256::digest(&dockerfile));
         let started = Instant::now();
-        let timeout = Duration::from_secs(cfg.build_timeout_secs);
-        let built =
-            match tokio::time::timeout(timeout, self.inner.buildkit.build_image(req, log.clone()))
-                .await
-            {
+        let (config, lease, built_patch) = if let Some((alias, lease)) = self.inner.images.lookup_alias(&sha) {
+            log.line(&format!(
+                "perfbox: an identical Dockerfile was built before; reusing its cached image (rootfs {}, config {}) without calling BuildKit",
+                alias.rootfs_key,
+                alias.config_digest.as_deref().unwrap_or("-")
+            ));
+            let patch = Patch { image_digest: alias.config_digest.clone(), image_cache: Some("hit".into()), ..Default::default() };
+            (alias.config, lease, patch)
+        } else {
+            let staging = self.inner.images.staging_dir();
+            let mut req = BuildRequest::new(dockerfile, staging.clone());
+            req.network = match cfg.build_network {
+                BuildNetworkSetting::None => BuildNetwork::None,
+                BuildNetworkSetting::Isolated => BuildNetwork::Sandbox,
+            };
+            req.cancel = token.child_token();
+            let timeout = Duration::from_secs(cfg.build_timeout_secs);
+            let outcome = tokio::time::timeout(timeout, self.inner.buildkit.build_image(req, log.clone())).await;
+            let built = match outcome {
                 Err(_) => {
-                    log.line(&format!(
-                        "perfbox: build exceeded {} s; cancelled",
-                        cfg.build_timeout_secs
-                    ));
-                    return fail(
-                        JobStatus::TimedOut,
-                        format!(
-                            "the build exceeded its {} s limit and was cancelled",
-                            cfg.build_timeout_secs
-                        ),
-                    );
-                }
-                Ok(Err(BuildError::Cancelled)) => {
-                    return fail(
-                        JobStatus::Cancelled,
-                        "cancelled by request during the build".into(),
-                    );
+                    let _ = std::fs::remove_dir_all(&staging);
+                    log.line(&format!("perfbox: build exceeded {} s; cancelled", cfg.build_timeout_secs));
+                    return fail(JobStatus::TimedOut, format!("the build exceeded its {} s limit and was cancelled", cfg.build_timeout_secs));
                 }
                 Ok(Err(e)) => {
+                    let _ = std::fs::remove_dir_all(&staging);
+                    if matches!(e, BuildError::Cancelled) {
+                        return fail(JobStatus::Cancelled, "cancelled by request during the build".into());
+                    }
                     log.line(&format!("perfbox: build failed: {e}"));
                     return fail(JobStatus::BuildFailed, e.to_string());
                 }
                 Ok(Ok(b)) => b,
             };
+            let key = format!("df-{sha}");
+            let lease = match self.inner.images.insert(&key, &staging, built.export_bytes) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staging);
+                    return fail(JobStatus::BuildFailed, format!("cannot store the built image: {e}"));
+                }
+            };
+            self.inner.images.set_alias(
+                &sha,
+                &images::Alias { rootfs_key: key, config: built.config.clone(), config_digest: built.config_digest.clone() },
+            );
+            let patch = Patch {
+                image_digest: built.config_digest.clone(),
+                cached_steps: Some(built.cached_steps as i64),
+                total_steps: Some(built.total_steps as i64),
+                image_cache: Some("miss".into()),
+                ..Default::default()
+            };
+            (built.config, lease, patch)
+        };
         self.inner.metrics.observe("build", started.elapsed());
         drop(build_permit);
-        let built_patch = Patch {
-            image_digest: built.config_digest.clone(),
-            cached_steps: Some(built.cached_steps as i64),
-            total_steps: Some(built.total_steps as i64),
-            ..Default::default()
-        };
         // --- wait for a run slot, then run ---
         let run_permit = tokio::select! {
             p = self.inner.run_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return fail(JobStatus::Interrupted, "perfbox is shutting down".into()) },
@@ -513,14 +521,15 @@ impl JobService {
             .sandbox
             .run(RunRequest {
                 job_dir: dir,
-                rootfs: &rootfs,
-                image: &built.config,
+                rootfs: lease.rootfs(),
+                image: &config,
                 container_id: &container_id,
                 limits: None,
                 cancel: token.child_token(),
             })
             .await;
         drop(run_permit);
+        drop(lease);
         self.inner.metrics.observe("run", started.elapsed());
         let report = match report {
             Ok(r) => r,

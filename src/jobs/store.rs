@@ -58,6 +58,9 @@ pub struct JobRecord {
     pub exit_code: Option<i64>,
     /// Killed by the OOM killer.
     pub oom_killed: Option<bool>,
+    /// "hit": the image came from perfbox's image cache (identical Dockerfile built before; no
+    /// BuildKit call, no export); "miss": built by BuildKit and exported.
+    pub image_cache: Option<String>,
 }
 
 /// Fields a transition may set.
@@ -83,6 +86,8 @@ pub struct Patch {
     pub exit_code: Option<i64>,
     /// oom_killed
     pub oom_killed: Option<bool>,
+    /// image_cache
+    pub image_cache: Option<String>,
 }
 
 /// Store errors.
@@ -135,7 +140,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cgroup TEXT,
     limits TEXT,
     exit_code INTEGER,
-    oom_killed INTEGER
+    oom_killed INTEGER,
+    image_cache TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
@@ -143,7 +149,7 @@ CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
 
 const COLUMNS: &str = "id, filename, owner, status, error, perf, dockerfile_sha256, created_at, build_started_at, \
     build_finished_at, run_started_at, finished_at, image_digest, cached_steps, total_steps, runtime, cgroup, limits, \
-    exit_code, oom_killed";
+    exit_code, oom_killed, image_cache";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let status: String = r.get(3)?;
@@ -169,6 +175,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
         limits: limits.and_then(|l| serde_json::from_str(&l).ok()),
         exit_code: r.get(18)?,
         oom_killed: r.get::<_, Option<i64>>(19)?.map(|v| v != 0),
+        image_cache: r.get(20)?,
     })
 }
 
@@ -186,6 +193,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Databases created before the image cache existed lack its column.
+        let has_image_cache: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'image_cache'")?
+            .exists([])?;
+        if !has_image_cache {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN image_cache TEXT")?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -329,7 +343,7 @@ impl Store {
             "UPDATE jobs SET error = coalesce(?2, error), perf = coalesce(?3, perf), image_digest = coalesce(?4, image_digest),
              cached_steps = coalesce(?5, cached_steps), total_steps = coalesce(?6, total_steps), runtime = coalesce(?7, runtime),
              cgroup = coalesce(?8, cgroup), limits = coalesce(?9, limits), exit_code = coalesce(?10, exit_code),
-             oom_killed = coalesce(?11, oom_killed) WHERE id = ?1",
+             oom_killed = coalesce(?11, oom_killed), image_cache = coalesce(?12, image_cache) WHERE id = ?1",
             params![
                 id,
                 patch.error,
@@ -341,7 +355,8 @@ impl Store {
                 patch.cgroup,
                 limits,
                 patch.exit_code,
-                patch.oom_killed.map(i64::from)
+                patch.oom_killed.map(i64::from),
+                patch.image_cache
             ],
         )?;
         let rec = tx.query_row(
