@@ -81,13 +81,14 @@ impl JobStatus {
     /// Whether `self → next` is a legal step.
     pub fn can_transition_to(self, next: JobStatus) -> bool {
         use JobStatus::*;
-        match (self, next) {
-            (Queued, Building) | (Building, Running) => true,
-            (Queued | Building | Running, Cancelled | Interrupted) => true,
-            (Building, BuildFailed | TimedOut) => true,
-            (Running, Succeeded | RunFailed | TimedOut | NoPerf | InvalidPerf) => true,
-            _ => false,
-        }
+        matches!(
+            (self, next),
+            (Queued, Building)
+                | (Building, Running)
+                | (Queued | Building | Running, Cancelled | Interrupted)
+                | (Building, BuildFailed | TimedOut)
+                | (Running, Succeeded | RunFailed | TimedOut | NoPerf | InvalidPerf)
+        )
     }
 
     /// Human text for unfinished jobs.

@@ -87,12 +87,13 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<ProcessUser, UserError> {
     if let (Some(name), None) = (&name, group_part) {
         for l in group.lines() {
             let f: Vec<&str> = l.split(':').collect();
-            if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
-                if let Ok(g) = f[2].parse::<u32>() {
-                    if g != gid && !additional_gids.contains(&g) {
-                        additional_gids.push(g);
-                    }
-                }
+            if f.len() >= 4
+                && f[3].split(',').any(|m| m == name)
+                && let Ok(g) = f[2].parse::<u32>()
+                && g != gid
+                && !additional_gids.contains(&g)
+            {
+                additional_gids.push(g);
             }
         }
     }
