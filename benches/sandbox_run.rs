@@ -19,8 +19,19 @@ const SCRIPT: &str = r#"echo '{"perf":0.9876}' > /data/perf.json"#;
 
 fn as_perfbox(argv: &[&str]) -> Command {
     let mut c = Command::new("setpriv");
-    c.args(["--reuid", PERFBOX_USER, "--regid", PERFBOX_USER, "--init-groups", "--"]).args(argv);
-    c.env_remove("NOTIFY_SOCKET").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c.args([
+        "--reuid",
+        PERFBOX_USER,
+        "--regid",
+        PERFBOX_USER,
+        "--init-groups",
+        "--",
+    ])
+    .args(argv);
+    c.env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     c
 }
 
@@ -32,21 +43,50 @@ fn median(v: &mut [Duration]) -> Duration {
 fn main() {
     require_setup();
     let write = std::env::args().any(|a| a == "--write");
-    let runs: usize = std::env::var("PERFBOX_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let runs: usize = std::env::var("PERFBOX_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
     let rootfs = busybox_rootfs();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sandbox = Sandbox::new(SandboxConfig { runtime: RuntimeKind::Runc, runtime_user: Some(PERFBOX_USER.into()), ..Default::default() }).unwrap();
-    let image = ImageConfig { cmd: Some(vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()]), ..Default::default() };
+    let sandbox = Sandbox::new(SandboxConfig {
+        runtime: RuntimeKind::Runc,
+        runtime_user: Some(PERFBOX_USER.into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let image = ImageConfig {
+        cmd: Some(vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()]),
+        ..Default::default()
+    };
 
     // The hand-made bundle: runc's own rootless template, the same command, /data bound.
     let raw = TestDir::new("bench-raw");
-    Command::new("chown").arg(PERFBOX_USER).arg(raw.path()).status().unwrap();
+    Command::new("chown")
+        .arg(PERFBOX_USER)
+        .arg(raw.path())
+        .status()
+        .unwrap();
     let data = raw.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    Command::new("chown").arg(PERFBOX_USER).arg(&data).status().unwrap();
-    assert!(as_perfbox(&["sh", "-c", &format!("cd {} && runc spec --rootless", raw.path().display())]).status().unwrap().success());
+    Command::new("chown")
+        .arg(PERFBOX_USER)
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(
+        as_perfbox(&[
+            "sh",
+            "-c",
+            &format!("cd {} && runc spec --rootless", raw.path().display())
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
     let cfg_path = raw.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
     cfg["root"]["path"] = rootfs.to_string_lossy().into();
     cfg["process"]["terminal"] = false.into();
     cfg["process"]["args"] = serde_json::json!(["/bin/sh", "-c", SCRIPT]);
@@ -58,9 +98,23 @@ fn main() {
     for i in 0..runs + 1 {
         let t = Instant::now();
         let id = format!("bench-raw-{i}");
-        let ok = as_perfbox(&["runc", "--root", &state.to_string_lossy(), "run", "--bundle", &raw.path().to_string_lossy(), &id]).status().unwrap().success();
+        let ok = as_perfbox(&[
+            "runc",
+            "--root",
+            &state.to_string_lossy(),
+            "run",
+            "--bundle",
+            &raw.path().to_string_lossy(),
+            &id,
+        ])
+        .status()
+        .unwrap()
+        .success();
         let raw_time = t.elapsed();
-        assert!(ok && data.join("perf.json").exists(), "plain runc run failed");
+        assert!(
+            ok && data.join("perf.json").exists(),
+            "plain runc run failed"
+        );
 
         let job = TestDir::new("bench-job");
         let t = Instant::now();
@@ -91,11 +145,16 @@ fn main() {
         m_floor.as_secs_f64() * 1e3,
         m_ours.as_secs_f64() * 1e3
     );
-    println!("sandbox run (busybox, runc): plain runc run median {:.1} ms, perfbox median {:.1} ms, ratio {ratio:.2}x", m_floor.as_secs_f64() * 1e3, m_ours.as_secs_f64() * 1e3);
+    println!(
+        "sandbox run (busybox, runc): plain runc run median {:.1} ms, perfbox median {:.1} ms, ratio {ratio:.2}x",
+        m_floor.as_secs_f64() * 1e3,
+        m_ours.as_secs_f64() * 1e3
+    );
     println!("{line}");
     if write {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-        let mut text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# perfbox benchmarks\n".into());
+        let mut text =
+            std::fs::read_to_string(&path).unwrap_or_else(|_| "# perfbox benchmarks\n".into());
         let header = "\n## Sandbox run vs plain `runc run`\n\nperfbox's `Sandbox::run` (spec generation, seccomp, cgroup limits, log capture, safe perf read, cleanup) of a busybox\nrootfs vs `setpriv --reuid perfbox runc run` of a `runc spec --rootless` bundle running the same command with /data bound,\ninterleaved, same process, 2-core dev machine (cgroup v1 hybrid). Command: `cargo bench --bench sandbox_run -- --write`.\n\n| date | runs | plain runc run (median) | perfbox run (median) | ratio |\n|---|---|---|---|---|\n";
         if !text.contains("## Sandbox run vs plain") {
             text.push_str(header);
@@ -108,6 +167,10 @@ fn main() {
 }
 
 fn chrono_date() -> String {
-    let out = Command::new("date").arg("-u").arg("+%Y-%m-%d").output().unwrap();
+    let out = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

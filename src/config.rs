@@ -282,7 +282,8 @@ mod example_tests {
         let defaults = toml::to_string(&Config::default()).unwrap();
         for line in defaults.lines().filter(|l| l.contains(" = ")) {
             let key = line.split(" = ").next().unwrap();
-            let documented = text.contains(&format!("{key} =")) || text.contains(&format!("[[{key}]]"));
+            let documented =
+                text.contains(&format!("{key} =")) || text.contains(&format!("[[{key}]]"));
             assert!(documented, "option {key} is not documented in the example");
         }
         for key in ["runtime_user", "cgroup_parent", "tokens"] {

@@ -5,8 +5,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -22,19 +22,30 @@ struct Service {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Service {
     fn start(tag: &str, env: &[(&str, &str)]) -> Service {
         let dir = TestDir::new(tag);
-        let st = Command::new("chown").args(["-R", PERFBOX_USER]).arg(dir.path()).status().unwrap();
+        let st = Command::new("chown")
+            .args(["-R", PERFBOX_USER])
+            .arg(dir.path())
+            .status()
+            .unwrap();
         assert!(st.success());
         let mut s = Service {
             child: None,
             port: free_port(),
             dir,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.spawn();
         s
@@ -45,23 +56,42 @@ impl Service {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("service.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("service.log"))
+            .unwrap();
         let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid", PERFBOX_USER, "--regid", PERFBOX_USER, "--init-groups", "--"])
-            .arg(env!("CARGO_BIN_EXE_perfbox"))
-            .args(["serve", "--bind", &format!("127.0.0.1:{}", self.port), "--state-dir"])
-            .arg(self.state())
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .env("RUST_LOG", "perfbox=debug")
-            .env("PERFBOX_RUN_TIMEOUT_SECS", "8")
-            .env("PERFBOX_MEMORY_BYTES", "134217728")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.args([
+            "--reuid",
+            PERFBOX_USER,
+            "--regid",
+            PERFBOX_USER,
+            "--init-groups",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_perfbox"))
+        .args([
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{}", self.port),
+            "--state-dir",
+        ])
+        .arg(self.state())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("RUST_LOG", "perfbox=debug")
+        .env("PERFBOX_RUN_TIMEOUT_SECS", "8")
+        .env("PERFBOX_MEMORY_BYTES", "134217728")
+        .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
         let child = cmd.spawn().unwrap();
-        SPAWNED.lock().unwrap().push((child.id(), self.dir.path().to_path_buf()));
+        SPAWNED
+            .lock()
+            .unwrap()
+            .push((child.id(), self.dir.path().to_path_buf()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -82,14 +112,20 @@ impl Service {
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             // setpriv execs perfbox, so this pid is perfbox itself.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let _ = c.wait();
         }
     }
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -113,7 +149,10 @@ impl Service {
             .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').ok_or("no status")?;
-        let code: u16 = code.trim().parse().map_err(|_| format!("curl failed: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let code: u16 = code
+            .trim()
+            .parse()
+            .map_err(|_| format!("curl failed: {}", String::from_utf8_lossy(&out.stderr)))?;
         if code == 0 {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -121,18 +160,32 @@ impl Service {
     }
 
     fn curl(&self, args: &[&str]) -> (u16, Value) {
-        let (code, body) = self.try_curl(args).unwrap_or_else(|e| panic!("curl {args:?}: {e}"));
+        let (code, body) = self
+            .try_curl(args)
+            .unwrap_or_else(|e| panic!("curl {args:?}: {e}"));
         let v = serde_json::from_str(&body).unwrap_or_else(|_| Value::String(body));
         (code, v)
     }
 
     /// POST a Dockerfile the way existing clients do: `curl -X POST -F file=@job.Dockerfile`.
     fn submit(&self, dockerfile: &str) -> i64 {
-        let path = self.dir.path().join(format!("job-{}.Dockerfile", uuid::Uuid::new_v4().simple()));
+        let path = self
+            .dir
+            .path()
+            .join(format!("job-{}.Dockerfile", uuid::Uuid::new_v4().simple()));
         std::fs::write(&path, dockerfile).unwrap();
-        let (code, v) = self.curl(&["-X", "POST", "-F", &format!("file=@{}", path.display()), "/job/build"]);
+        let (code, v) = self.curl(&[
+            "-X",
+            "POST",
+            "-F",
+            &format!("file=@{}", path.display()),
+            "/job/build",
+        ]);
         assert_eq!(code, 202, "{v}");
-        assert!(v["filename"].as_str().unwrap().ends_with(".Dockerfile"), "{v}");
+        assert!(
+            v["filename"].as_str().unwrap().ends_with(".Dockerfile"),
+            "{v}"
+        );
         v["id"].as_i64().unwrap()
     }
 
@@ -142,10 +195,17 @@ impl Service {
         loop {
             let (code, v) = self.curl(&[&format!("/job/performance/{id}")]);
             assert_eq!(code, 200, "{v}");
-            if !matches!(v["status"].as_str(), Some("queued" | "building" | "running")) {
+            if !matches!(
+                v["status"].as_str(),
+                Some("queued" | "building" | "running")
+            ) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "job {id} did not finish: {v}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not finish: {v}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -178,7 +238,10 @@ static SPAWNED: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 
 fn stop_all() {
     for (pid, dir) in SPAWNED.lock().unwrap().drain(..) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         std::thread::sleep(Duration::from_millis(200));
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -195,28 +258,48 @@ fn curl_flow() -> Result<(), Failed> {
     let s = shared();
     let id = s.submit(SAMPLE);
     let v = s.wait(id);
-    assert_eq!(v, serde_json::json!({"job": id, "status": "succeeded", "perf": 0.9876}));
+    assert_eq!(
+        v,
+        serde_json::json!({"job": id, "status": "succeeded", "perf": 0.9876})
+    );
     // The full record says how it ran.
     let (code, rec) = s.curl(&[&format!("/job/{id}")]);
     assert_eq!(code, 200);
     assert_eq!(rec["runtime"], "runc");
     assert_eq!(rec["exit_code"], 0);
-    assert!(rec["image_digest"].as_str().unwrap().starts_with("sha256:"), "{rec}");
-    for k in ["created_at", "build_started_at", "build_finished_at", "run_started_at", "finished_at"] {
+    assert!(
+        rec["image_digest"].as_str().unwrap().starts_with("sha256:"),
+        "{rec}"
+    );
+    for k in [
+        "created_at",
+        "build_started_at",
+        "build_finished_at",
+        "run_started_at",
+        "finished_at",
+    ] {
         assert!(rec[k].as_f64().is_some(), "{k} missing: {rec}");
     }
     assert!(rec["limits"]["memory"]["by"].is_string(), "{rec}");
     // The spec is the sandbox it ran in.
     let (code, spec) = s.curl(&[&format!("/job/{id}/spec")]);
     assert_eq!(code, 200);
-    let ns: Vec<&str> = spec["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+    let ns: Vec<&str> = spec["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["type"].as_str().unwrap())
+        .collect();
     assert!(ns.contains(&"network") && ns.contains(&"user"), "{ns:?}");
     assert_eq!(spec["root"]["readonly"], true);
     // Logs: build then run.
     let (code, logs) = s.curl(&[&format!("/job/{id}/logs")]);
     assert_eq!(code, 200);
     let logs = logs.as_str().unwrap().to_string();
-    assert!(logs.contains("===== build log =====") && logs.contains("===== run log ====="), "{logs}");
+    assert!(
+        logs.contains("===== build log =====") && logs.contains("===== run log ====="),
+        "{logs}"
+    );
     assert!(logs.contains("RUN echo hi"), "{logs}");
     Ok(())
 }
@@ -225,14 +308,27 @@ fn twenty_jobs_at_once() -> Result<(), Failed> {
     let s = shared();
     let ids: Vec<(i64, usize)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..20)
-            .map(|n| scope.spawn(move || (s.submit(&format!("FROM busybox\nCMD echo '{{\"perf\": {n}.5}}' > /data/perf.json\n")), n)))
+            .map(|n| {
+                scope.spawn(move || {
+                    (
+                        s.submit(&format!(
+                            "FROM busybox\nCMD echo '{{\"perf\": {n}.5}}' > /data/perf.json\n"
+                        )),
+                        n,
+                    )
+                })
+            })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (id, n) in ids {
         let v = s.wait(id);
         assert_eq!(v["status"], "succeeded", "{v}");
-        assert_eq!(v["perf"].as_f64(), Some(n as f64 + 0.5), "job {id} got someone else's perf: {v}");
+        assert_eq!(
+            v["perf"].as_f64(),
+            Some(n as f64 + 0.5),
+            "job {id} got someone else's perf: {v}"
+        );
     }
     Ok(())
 }
@@ -240,23 +336,54 @@ fn twenty_jobs_at_once() -> Result<(), Failed> {
 fn failure_statuses() -> Result<(), Failed> {
     let s = shared();
     let cases = [
-        ("FROM busybox\nRUN echo before && exit 3\n", "build_failed", "exit code: 3"),
+        (
+            "FROM busybox\nRUN echo before && exit 3\n",
+            "build_failed",
+            "exit code: 3",
+        ),
         ("FRM busybox\n", "build_failed", "line 1"),
-        ("FROM no-such-image-perfbox\nCMD true\n", "build_failed", "no-such-image-perfbox"),
-        ("FROM busybox\nCMD echo oops >&2; exit 4\n", "run_failed", "exited with code 4"),
+        (
+            "FROM no-such-image-perfbox\nCMD true\n",
+            "build_failed",
+            "no-such-image-perfbox",
+        ),
+        (
+            "FROM busybox\nCMD echo oops >&2; exit 4\n",
+            "run_failed",
+            "exited with code 4",
+        ),
         ("FROM busybox\nCMD true\n", "no_perf", "no /data/perf.json"),
-        ("FROM busybox\nCMD echo '{\"perf\": \"fast\"}' > /data/perf.json\n", "invalid_perf", "not a number"),
-        ("FROM busybox\nCMD ln -s /etc/shadow /data/perf.json\n", "invalid_perf", "symlink"),
+        (
+            "FROM busybox\nCMD echo '{\"perf\": \"fast\"}' > /data/perf.json\n",
+            "invalid_perf",
+            "not a number",
+        ),
+        (
+            "FROM busybox\nCMD ln -s /etc/shadow /data/perf.json\n",
+            "invalid_perf",
+            "symlink",
+        ),
         ("FROM busybox\nCMD sleep 1000\n", "timed_out", "8 s limit"),
-        ("FROM busybox\nCMD awk 'BEGIN { s = \"xxxxxxxx\"; while (1) s = s s }'\n", "run_failed", "out of memory"),
-        ("FROM busybox\nUSER ghost\nCMD true\n", "run_failed", "ghost"),
+        (
+            "FROM busybox\nCMD awk 'BEGIN { s = \"xxxxxxxx\"; while (1) s = s s }'\n",
+            "run_failed",
+            "out of memory",
+        ),
+        (
+            "FROM busybox\nUSER ghost\nCMD true\n",
+            "run_failed",
+            "ghost",
+        ),
     ];
     let ids: Vec<i64> = cases.iter().map(|(df, _, _)| s.submit(df)).collect();
     for ((df, status, reason), id) in cases.iter().zip(ids) {
         let v = s.wait(id);
         assert_eq!(v["status"], *status, "{df:?}: {v}");
         let err = v["error"].as_str().unwrap_or("");
-        assert!(err.contains(reason), "{df:?}: reason {err:?} should mention {reason:?}");
+        assert!(
+            err.contains(reason),
+            "{df:?}: reason {err:?} should mention {reason:?}"
+        );
     }
     Ok(())
 }
@@ -272,11 +399,58 @@ fn bad_requests() -> Result<(), Failed> {
     let f = |name: &str| format!("file=@{}", dir.join(name).display());
     let cases: Vec<(Vec<String>, u16)> = vec![
         (vec!["-X".into(), "POST".into(), "/job/build".into()], 400),
-        (vec!["-X".into(), "POST".into(), "-H".into(), "Content-Type: text/plain".into(), "--data".into(), "FROM x".into(), "/job/build".into()], 400),
-        (vec!["-X".into(), "POST".into(), "-F".into(), format!("dockerfile=@{}", dir.join("ok").display()), "/job/build".into()], 400),
-        (vec!["-X".into(), "POST".into(), "-F".into(), f("empty"), "/job/build".into()], 400),
-        (vec!["-X".into(), "POST".into(), "-F".into(), f("big"), "/job/build".into()], 413),
-        (vec!["-X".into(), "POST".into(), "-F".into(), f("binary"), "/job/build".into()], 400),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-H".into(),
+                "Content-Type: text/plain".into(),
+                "--data".into(),
+                "FROM x".into(),
+                "/job/build".into(),
+            ],
+            400,
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-F".into(),
+                format!("dockerfile=@{}", dir.join("ok").display()),
+                "/job/build".into(),
+            ],
+            400,
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-F".into(),
+                f("empty"),
+                "/job/build".into(),
+            ],
+            400,
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-F".into(),
+                f("big"),
+                "/job/build".into(),
+            ],
+            413,
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-F".into(),
+                f("binary"),
+                "/job/build".into(),
+            ],
+            400,
+        ),
         (vec!["/job/performance/abc".into()], 400),
         (vec!["/job/performance/999999".into()], 404),
         (vec!["/job/999999/spec".into()], 404),
@@ -286,7 +460,10 @@ fn bad_requests() -> Result<(), Failed> {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, v) = s.curl(&a);
         assert_eq!(code, want, "{args:?}: {v}");
-        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{args:?}: no error message: {v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{args:?}: no error message: {v}"
+        );
     }
     assert_eq!(s.total_jobs(), before, "a bad request queued a job");
     Ok(())
@@ -309,7 +486,10 @@ fn delete_running() -> Result<(), Failed> {
     let id = s.submit(&format!("FROM busybox\nCMD sleep {marker}\n"));
     s.wait_status(id, "running");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!processes_with(&marker).is_empty(), "the job's process should be running");
+    assert!(
+        !processes_with(&marker).is_empty(),
+        "the job's process should be running"
+    );
     let (code, v) = s.curl(&["-X", "DELETE", &format!("/job/{id}")]);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["status"], "cancelled", "{v}");
@@ -330,8 +510,14 @@ fn kill9_restart() -> Result<(), Failed> {
     s.spawn();
     let v = s.wait(victim);
     assert_eq!(v["status"], "interrupted", "{v}");
-    assert!(v["error"].as_str().unwrap().contains("perfbox stopped"), "{v}");
-    assert!(marker_gone(&marker), "the interrupted job's container survived the restart");
+    assert!(
+        v["error"].as_str().unwrap().contains("perfbox stopped"),
+        "{v}"
+    );
+    assert!(
+        marker_gone(&marker),
+        "the interrupted job's container survived the restart"
+    );
     assert_eq!(s.wait(done)["perf"], 7.0, "a finished result was lost");
     let fresh = s.submit("FROM busybox\nCMD echo '{\"perf\": 8}' > /data/perf.json\n");
     assert_eq!(s.wait(fresh)["perf"], 8.0);
@@ -340,11 +526,18 @@ fn kill9_restart() -> Result<(), Failed> {
 }
 
 fn tokens() -> Result<(), Failed> {
-    let s = Service::start("svc-auth", &[("PERFBOX_TOKENS", "alice=alice-secret-1,bob=bob-secret-22")]);
+    let s = Service::start(
+        "svc-auth",
+        &[("PERFBOX_TOKENS", "alice=alice-secret-1,bob=bob-secret-22")],
+    );
     let alice = ["-H", "Authorization: Bearer alice-secret-1"];
     let bob = ["-H", "Authorization: Bearer bob-secret-22"];
     let path = s.dir.path().join("a.Dockerfile");
-    std::fs::write(&path, "FROM busybox\nCMD echo '{\"perf\": 1}' > /data/perf.json\n").unwrap();
+    std::fs::write(
+        &path,
+        "FROM busybox\nCMD echo '{\"perf\": 1}' > /data/perf.json\n",
+    )
+    .unwrap();
     let file = format!("file=@{}", path.display());
     let (code, _) = s.curl(&["-X", "POST", "-F", &file, "/job/build"]);
     assert_eq!(code, 401);
@@ -388,8 +581,14 @@ fn health_metrics_pages() -> Result<(), Failed> {
     let (code, m) = s.curl(&["/metrics"]);
     assert_eq!(code, 200);
     let m = m.as_str().unwrap().to_string();
-    assert!(m.contains("perfbox_jobs{status=\"succeeded\"}") && m.contains("perfbox_queue_depth"), "{m}");
-    assert!(m.contains("perfbox_phase_seconds_count{phase=\"build\"}"), "{m}");
+    assert!(
+        m.contains("perfbox_jobs{status=\"succeeded\"}") && m.contains("perfbox_queue_depth"),
+        "{m}"
+    );
+    assert!(
+        m.contains("perfbox_phase_seconds_count{phase=\"build\"}"),
+        "{m}"
+    );
     Ok(())
 }
 
@@ -401,7 +600,10 @@ fn job_cannot_reach_the_api() -> Result<(), Failed> {
          CMD if grep -q blocked /build-net && ! nc -w 2 127.0.0.1 {port} </dev/null; then echo '{{\"perf\": 0}}'; else echo '{{\"perf\": 1}}'; fi > /data/perf.json\n"
     );
     let v = s.wait(s.submit(&df));
-    assert_eq!(v["perf"], 0.0, "a job reached the perfbox API (1 = reached): {v}");
+    assert_eq!(
+        v["perf"], 0.0,
+        "a job reached the perfbox API (1 = reached): {v}"
+    );
     Ok(())
 }
 
@@ -409,20 +611,31 @@ fn logs_follow() -> Result<(), Failed> {
     let s = shared();
     let id = s.submit("FROM busybox\nCMD for i in 1 2 3; do echo tick-$i; sleep 0.5; done; echo '{\"perf\": 3}' > /data/perf.json\n");
     let out = Command::new("curl")
-        .args(["-sS", "-N", "-m", "60", &format!("http://127.0.0.1:{}/job/{id}/logs?follow=1", s.port)])
+        .args([
+            "-sS",
+            "-N",
+            "-m",
+            "60",
+            &format!("http://127.0.0.1:{}/job/{id}/logs?follow=1", s.port),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("tick-1") && text.contains("tick-3"), "{text}");
     let (_, v) = s.curl(&[&format!("/job/performance/{id}")]);
-    assert_eq!(v["status"], "succeeded", "follow must end when the job ends: {v}");
+    assert_eq!(
+        v["status"], "succeeded",
+        "follow must end when the job ends: {v}"
+    );
     Ok(())
 }
 
 fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
     let s = shared();
     let nonce = uuid::Uuid::new_v4().simple().to_string();
-    let df = format!("FROM busybox\nRUN echo {nonce} > /nonce\nCMD echo \"{{\\\"perf\\\": $(wc -c < /nonce)}}\" > /data/perf.json\n");
+    let df = format!(
+        "FROM busybox\nRUN echo {nonce} > /nonce\nCMD echo \"{{\\\"perf\\\": $(wc -c < /nonce)}}\" > /data/perf.json\n"
+    );
     let first = s.submit(&df);
     assert_eq!(s.wait(first)["perf"], 33.0);
     let second = s.submit(&df);
@@ -432,7 +645,10 @@ fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
     assert_eq!(rec(second)["image_cache"], "hit", "{}", rec(second));
     assert_eq!(rec(first)["image_digest"], rec(second)["image_digest"]);
     let (_, logs) = s.curl(&[&format!("/job/{second}/logs")]);
-    assert!(logs.as_str().unwrap().contains("reusing its cached image"), "{logs}");
+    assert!(
+        logs.as_str().unwrap().contains("reusing its cached image"),
+        "{logs}"
+    );
     Ok(())
 }
 
@@ -441,19 +657,33 @@ fn main() {
     let args = Arguments::from_args();
     let trials = vec![
         Trial::test("curl_post_and_poll_returns_perf", curl_flow),
-        Trial::test("twenty_jobs_at_once_each_get_their_own_perf", twenty_jobs_at_once),
+        Trial::test(
+            "twenty_jobs_at_once_each_get_their_own_perf",
+            twenty_jobs_at_once,
+        ),
         Trial::test("each_failure_status_has_a_useful_reason", failure_statuses),
         Trial::test("bad_requests_are_4xx_and_queue_nothing", bad_requests),
-        Trial::test("delete_running_job_cancels_and_leaves_no_process", delete_running),
-        Trial::test("kill9_restart_interrupts_running_job_and_keeps_results", kill9_restart),
+        Trial::test(
+            "delete_running_job_cancels_and_leaves_no_process",
+            delete_running,
+        ),
+        Trial::test(
+            "kill9_restart_interrupts_running_job_and_keeps_results",
+            kill9_restart,
+        ),
         Trial::test("tokens_isolate_owners", tokens),
         Trial::test("healthz_metrics_and_pagination", health_metrics_pages),
-        Trial::test("job_cannot_reach_the_api_at_build_or_run_time", job_cannot_reach_the_api),
+        Trial::test(
+            "job_cannot_reach_the_api_at_build_or_run_time",
+            job_cannot_reach_the_api,
+        ),
         Trial::test("logs_follow_streams_until_the_job_ends", logs_follow),
-        Trial::test("resubmission_reuses_the_cached_image", resubmission_reuses_the_cached_image),
+        Trial::test(
+            "resubmission_reuses_the_cached_image",
+            resubmission_reuses_the_cached_image,
+        ),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     stop_all();
     conclusion.exit();
 }
-

@@ -90,7 +90,12 @@ impl Drop for Lease {
 
 /// Rootfs keys are used as directory names: only `[A-Za-z0-9._-]`.
 fn valid_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= 200 && !key.starts_with('.') && key.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    !key.is_empty()
+        && key.len() <= 200
+        && !key.starts_with('.')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 impl ImageCache {
@@ -103,12 +108,21 @@ impl ImageCache {
             if name == "aliases" || !e.path().is_dir() {
                 continue;
             }
-            let meta = std::fs::read(e.path().join("meta.json")).ok().and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+            let meta = std::fs::read(e.path().join("meta.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
             match meta {
                 Some(m) if valid_key(&name) => {
                     st.clock += 1;
                     st.total += m.bytes;
-                    st.entries.insert(name, Entry { bytes: m.bytes, last_used: st.clock, leases: 0 });
+                    st.entries.insert(
+                        name,
+                        Entry {
+                            bytes: m.bytes,
+                            last_used: st.clock,
+                            leases: 0,
+                        },
+                    );
                 }
                 // Half-written (perfbox died while inserting): remove.
                 _ => {
@@ -116,7 +130,11 @@ impl ImageCache {
                 }
             }
         }
-        let cache = Self { dir: dir.to_path_buf(), max_bytes, state: Arc::new(Mutex::new(st)) };
+        let cache = Self {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            state: Arc::new(Mutex::new(st)),
+        };
         cache.evict();
         Ok(cache)
     }
@@ -127,7 +145,8 @@ impl ImageCache {
 
     /// A fresh staging directory for a build's export (moved into the cache by [`insert`](Self::insert)).
     pub fn staging_dir(&self) -> PathBuf {
-        self.dir.join(format!(".staging-{}", uuid::Uuid::new_v4().simple()))
+        self.dir
+            .join(format!(".staging-{}", uuid::Uuid::new_v4().simple()))
     }
 
     /// Lease the rootfs stored under `key`, if present.
@@ -138,7 +157,11 @@ impl ImageCache {
         let e = st.entries.get_mut(key)?;
         e.leases += 1;
         e.last_used = clock;
-        Some(Lease { cache: self.clone(), key: key.to_string(), rootfs: self.dir.join(key).join("rootfs") })
+        Some(Lease {
+            cache: self.clone(),
+            key: key.to_string(),
+            rootfs: self.dir.join(key).join("rootfs"),
+        })
     }
 
     /// Move an exported rootfs (`staging`, a dir from [`staging_dir`](Self::staging_dir)) into
@@ -146,7 +169,9 @@ impl ImageCache {
     /// staging copy is discarded and the existing entry is leased.
     pub fn insert(&self, key: &str, staging: &Path, bytes: u64) -> std::io::Result<Lease> {
         if !valid_key(key) {
-            return Err(std::io::Error::other(format!("invalid image cache key {key:?}")));
+            return Err(std::io::Error::other(format!(
+                "invalid image cache key {key:?}"
+            )));
         }
         if let Some(l) = self.lease(key) {
             let _ = std::fs::remove_dir_all(staging);
@@ -160,10 +185,15 @@ impl ImageCache {
             }
         }
         let entry = self.dir.join(key);
-        let tmp = self.dir.join(format!(".insert-{}", uuid::Uuid::new_v4().simple()));
+        let tmp = self
+            .dir
+            .join(format!(".insert-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&tmp)?;
         std::fs::rename(staging, tmp.join("rootfs"))?;
-        std::fs::write(tmp.join("meta.json"), serde_json::to_vec(&Meta { bytes }).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            tmp.join("meta.json"),
+            serde_json::to_vec(&Meta { bytes }).map_err(std::io::Error::other)?,
+        )?;
         {
             let mut st = self.lock();
             if st.entries.contains_key(key) {
@@ -174,10 +204,19 @@ impl ImageCache {
                 st.clock += 1;
                 let clock = st.clock;
                 st.total += bytes;
-                st.entries.insert(key.to_string(), Entry { bytes, last_used: clock, leases: 0 });
+                st.entries.insert(
+                    key.to_string(),
+                    Entry {
+                        bytes,
+                        last_used: clock,
+                        leases: 0,
+                    },
+                );
             }
         }
-        let lease = self.lease(key).ok_or_else(|| std::io::Error::other("image cache entry vanished"))?;
+        let lease = self
+            .lease(key)
+            .ok_or_else(|| std::io::Error::other("image cache entry vanished"))?;
         self.evict();
         Ok(lease)
     }
@@ -187,7 +226,10 @@ impl ImageCache {
         if !valid_key(dockerfile_sha256) {
             return;
         }
-        let path = self.dir.join("aliases").join(format!("{dockerfile_sha256}.json"));
+        let path = self
+            .dir
+            .join("aliases")
+            .join(format!("{dockerfile_sha256}.json"));
         let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
         if let Ok(bytes) = serde_json::to_vec(alias)
             && std::fs::write(&tmp, bytes).is_ok()
@@ -201,7 +243,12 @@ impl ImageCache {
         if !valid_key(dockerfile_sha256) {
             return None;
         }
-        let bytes = std::fs::read(self.dir.join("aliases").join(format!("{dockerfile_sha256}.json"))).ok()?;
+        let bytes = std::fs::read(
+            self.dir
+                .join("aliases")
+                .join(format!("{dockerfile_sha256}.json")),
+        )
+        .ok()?;
         let alias: Alias = serde_json::from_slice(&bytes).ok()?;
         let lease = self.lease(&alias.rootfs_key)?;
         Some((alias, lease))
@@ -244,7 +291,9 @@ impl ImageCache {
                 key
             };
             // Rename first (atomic), then delete outside the lock.
-            let doomed = self.dir.join(format!(".evicted-{}", uuid::Uuid::new_v4().simple()));
+            let doomed = self
+                .dir
+                .join(format!(".evicted-{}", uuid::Uuid::new_v4().simple()));
             if std::fs::rename(self.dir.join(&victim), &doomed).is_ok() {
                 let _ = std::fs::remove_dir_all(&doomed);
             }
@@ -270,8 +319,14 @@ mod tests {
         let cache = ImageCache::open(d.path(), 250).unwrap();
         let a = cache.insert("a", &staged(&cache, "a"), 100).unwrap();
         let b = cache.insert("b", &staged(&cache, "b"), 100).unwrap();
-        assert_eq!(std::fs::read_to_string(a.rootfs().join("bin/file")).unwrap(), "a");
-        assert!(a.rootfs().join("data").is_dir(), "mount points are created at insert");
+        assert_eq!(
+            std::fs::read_to_string(a.rootfs().join("bin/file")).unwrap(),
+            "a"
+        );
+        assert!(
+            a.rootfs().join("data").is_dir(),
+            "mount points are created at insert"
+        );
         drop(b);
         // a is leased, b is not: inserting c (over the bound) evicts b, never a.
         let c = cache.insert("c", &staged(&cache, "c"), 100).unwrap();
@@ -283,7 +338,14 @@ mod tests {
         drop((a, c, d_lease));
         assert!(cache.total_bytes() <= 250);
         // Aliases map Dockerfiles to cached rootfs and configs.
-        let alias = Alias { rootfs_key: "d".into(), config: ImageConfig { cmd: Some(vec!["x".into()]), ..Default::default() }, config_digest: None };
+        let alias = Alias {
+            rootfs_key: "d".into(),
+            config: ImageConfig {
+                cmd: Some(vec!["x".into()]),
+                ..Default::default()
+            },
+            config_digest: None,
+        };
         cache.set_alias("abc123", &alias);
         let (found, _lease) = cache.lookup_alias("abc123").unwrap();
         assert_eq!(found, alias);

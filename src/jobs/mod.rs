@@ -123,7 +123,8 @@ impl JobService {
         let jobs_dir = cfg.state_dir.join("jobs");
         std::fs::create_dir_all(&jobs_dir)?;
         let store = Store::open(&cfg.state_dir.join("jobs.db"))?;
-        let images = images::ImageCache::open(&cfg.state_dir.join("images"), cfg.image_cache_bytes)?;
+        let images =
+            images::ImageCache::open(&cfg.state_dir.join("images"), cfg.image_cache_bytes)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             build_slots: Arc::new(Semaphore::new(cfg.max_concurrent_builds)),
@@ -435,17 +436,28 @@ impl JobService {
         // --- the image: from the cache when an identical Dockerfile was built, else BuildKit ---
         let log: Arc<dyn BuildLog> = match FileLog::append(&dir.join(BUILD_LOG)) {
             Ok(l) => Arc::new(l),
-            Err(e) => return fail(JobStatus::BuildFailed, format!("cannot create build.log: {e}")),
+            Err(e) => {
+                return fail(
+                    JobStatus::BuildFailed,
+                    format!("cannot create build.log: {e}"),
+                );
+            }
         };
         let sha = hex::encode(Sha256::digest(&dockerfile));
         let started = Instant::now();
-        let (config, lease, built_patch) = if let Some((alias, lease)) = self.inner.images.lookup_alias(&sha) {
+        let (config, lease, built_patch) = if let Some((alias, lease)) =
+            self.inner.images.lookup_alias(&sha)
+        {
             log.line(&format!(
                 "perfbox: an identical Dockerfile was built before; reusing its cached image (rootfs {}, config {}) without calling BuildKit",
                 alias.rootfs_key,
                 alias.config_digest.as_deref().unwrap_or("-")
             ));
-            let patch = Patch { image_digest: alias.config_digest.clone(), image_cache: Some("hit".into()), ..Default::default() };
+            let patch = Patch {
+                image_digest: alias.config_digest.clone(),
+                image_cache: Some("hit".into()),
+                ..Default::default()
+            };
             (alias.config, lease, patch)
         } else {
             let staging = self.inner.images.staging_dir();
@@ -456,17 +468,31 @@ impl JobService {
             };
             req.cancel = token.child_token();
             let timeout = Duration::from_secs(cfg.build_timeout_secs);
-            let outcome = tokio::time::timeout(timeout, self.inner.buildkit.build_image(req, log.clone())).await;
+            let outcome =
+                tokio::time::timeout(timeout, self.inner.buildkit.build_image(req, log.clone()))
+                    .await;
             let built = match outcome {
                 Err(_) => {
                     let _ = std::fs::remove_dir_all(&staging);
-                    log.line(&format!("perfbox: build exceeded {} s; cancelled", cfg.build_timeout_secs));
-                    return fail(JobStatus::TimedOut, format!("the build exceeded its {} s limit and was cancelled", cfg.build_timeout_secs));
+                    log.line(&format!(
+                        "perfbox: build exceeded {} s; cancelled",
+                        cfg.build_timeout_secs
+                    ));
+                    return fail(
+                        JobStatus::TimedOut,
+                        format!(
+                            "the build exceeded its {} s limit and was cancelled",
+                            cfg.build_timeout_secs
+                        ),
+                    );
                 }
                 Ok(Err(e)) => {
                     let _ = std::fs::remove_dir_all(&staging);
                     if matches!(e, BuildError::Cancelled) {
-                        return fail(JobStatus::Cancelled, "cancelled by request during the build".into());
+                        return fail(
+                            JobStatus::Cancelled,
+                            "cancelled by request during the build".into(),
+                        );
                     }
                     log.line(&format!("perfbox: build failed: {e}"));
                     return fail(JobStatus::BuildFailed, e.to_string());
@@ -478,12 +504,19 @@ impl JobService {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&staging);
-                    return fail(JobStatus::BuildFailed, format!("cannot store the built image: {e}"));
+                    return fail(
+                        JobStatus::BuildFailed,
+                        format!("cannot store the built image: {e}"),
+                    );
                 }
             };
             self.inner.images.set_alias(
                 &sha,
-                &images::Alias { rootfs_key: key, config: built.config.clone(), config_digest: built.config_digest.clone() },
+                &images::Alias {
+                    rootfs_key: key,
+                    config: built.config.clone(),
+                    config_digest: built.config_digest.clone(),
+                },
             );
             let patch = Patch {
                 image_digest: built.config_digest.clone(),

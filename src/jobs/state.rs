@@ -87,7 +87,10 @@ impl JobStatus {
                 | (Building, Running)
                 | (Queued | Building | Running, Cancelled | Interrupted)
                 | (Building, BuildFailed | TimedOut)
-                | (Running, Succeeded | RunFailed | TimedOut | NoPerf | InvalidPerf)
+                | (
+                    Running,
+                    Succeeded | RunFailed | TimedOut | NoPerf | InvalidPerf
+                )
         )
     }
 
