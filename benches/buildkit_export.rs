@@ -79,7 +79,28 @@ fn buildctl_once(context: &Path, work: &Path) -> Duration {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there are no options.
+    // `cargo bench` passes `--bench`; there are no options. Diagnostic: with
+    // BENCH_UNPACK_TAR=<file.tar>, only time `unpack_tar` of that file (no daemon involved).
+    if let Some(tar) = std::env::var_os("BENCH_UNPACK_TAR") {
+        for _ in 0..3 {
+            let dst = tempfile::tempdir().expect("tempdir");
+            let file = std::io::BufReader::with_capacity(
+                1 << 20,
+                std::fs::File::open(&tar).expect("open"),
+            );
+            let t = Instant::now();
+            let stats = perfbox::buildkit::unpack_tar(file, dst.path()).expect("unpack");
+            let d = t.elapsed();
+            println!(
+                "unpack_tar: {} entries, {:.1} MB in {:.0} ms ({:.0} MB/s)",
+                stats.entries,
+                stats.tar_bytes as f64 / 1e6,
+                ms(d),
+                stats.tar_bytes as f64 / 1e6 / d.as_secs_f64()
+            );
+        }
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -114,7 +135,7 @@ fn main() {
         };
 
         // Warm up both paths (cache, page cache, connection).
-        let (_, warm) = ours_once(0, "warmup");
+        let (_, mut last) = ours_once(0, "warmup");
         let w = scratch.path().join("buildctl-warmup");
         buildctl_once(&context, &w);
         let _ = std::fs::remove_dir_all(&w);
@@ -126,6 +147,7 @@ fn main() {
             let (d, img) = ours_once(i, "run");
             ours.push(d);
             mbps.push(img.export_mb_per_s());
+            last = img;
             let w = scratch.path().join(format!("buildctl-{i}"));
             theirs.push(buildctl_once(&context, &w));
             let _ = std::fs::remove_dir_all(&w);
@@ -138,9 +160,9 @@ fn main() {
         println!(
             "\n{} — export {:.1} MB, {}/{} steps cached",
             case.name,
-            warm.export_bytes as f64 / 1e6,
-            warm.cached_steps,
-            warm.total_steps
+            last.export_bytes as f64 / 1e6,
+            last.cached_steps,
+            last.total_steps
         );
         println!(
             "  perfbox client : median {:7.1} ms  (min {:.1}, max {:.1})  export {:.0} MB/s (median)",
