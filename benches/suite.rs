@@ -42,44 +42,101 @@ fn pct(v: &[f64], p: f64) -> f64 {
 
 fn as_perfbox(argv: &[&str]) -> Command {
     let mut c = Command::new("setpriv");
-    c.args(["--reuid", PERFBOX_USER, "--regid", PERFBOX_USER, "--init-groups", "--"]).args(argv);
-    c.env_remove("NOTIFY_SOCKET").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c.args([
+        "--reuid",
+        PERFBOX_USER,
+        "--regid",
+        PERFBOX_USER,
+        "--init-groups",
+        "--",
+    ])
+    .args(argv);
+    c.env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     c
 }
 
 fn job_dockerfile(nonce: &str, perf: &str) -> String {
-    format!("FROM busybox\nRUN echo {nonce} > /nonce\nCMD echo '{{\"perf\": {perf}}}' > /data/perf.json\n")
+    format!(
+        "FROM busybox\nRUN echo {nonce} > /nonce\nCMD echo '{{\"perf\": {perf}}}' > /data/perf.json\n"
+    )
 }
 
 /// The cheapest a user could do by hand: buildctl → tar → untar → runc run. Seconds.
 fn raw_floor(work: &Path, dockerfile: &str, template: &serde_json::Value) -> f64 {
     let dir = work.join(format!("floor-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    Command::new("chown").arg(PERFBOX_USER).arg(&dir).status().unwrap();
+    Command::new("chown")
+        .arg(PERFBOX_USER)
+        .arg(&dir)
+        .status()
+        .unwrap();
     std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
     let t = Instant::now();
     let ok = Command::new("buildctl")
-        .args(["--addr", &format!("unix://{BUILDKIT_SOCKET}"), "build", "--frontend", "dockerfile.v0"])
-        .arg("--local").arg(format!("context={}", dir.display()))
-        .arg("--local").arg(format!("dockerfile={}", dir.display()))
+        .args([
+            "--addr",
+            &format!("unix://{BUILDKIT_SOCKET}"),
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+        ])
+        .arg("--local")
+        .arg(format!("context={}", dir.display()))
+        .arg("--local")
+        .arg(format!("dockerfile={}", dir.display()))
         .args(["--opt", "force-network-mode=none", "--output"])
         .arg(format!("type=tar,dest={}/image.tar", dir.display()))
-        .stdout(Stdio::null()).stderr(Stdio::null())
-        .status().unwrap().success();
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "buildctl build failed");
     let rootfs = dir.join("rootfs");
-    assert!(as_perfbox(&["sh", "-c", &format!("mkdir {0} && tar -C {0} -xf {1}/image.tar", rootfs.display(), dir.display())])
-        .status().unwrap().success());
+    assert!(
+        as_perfbox(&[
+            "sh",
+            "-c",
+            &format!(
+                "mkdir {0} && tar -C {0} -xf {1}/image.tar",
+                rootfs.display(),
+                dir.display()
+            )
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
     let data = dir.join("data");
     std::fs::create_dir(&data).unwrap();
-    Command::new("chown").arg(PERFBOX_USER).arg(&data).status().unwrap();
+    Command::new("chown")
+        .arg(PERFBOX_USER)
+        .arg(&data)
+        .status()
+        .unwrap();
     let mut cfg = template.clone();
     cfg["root"]["path"] = rootfs.to_string_lossy().into();
     cfg["mounts"].as_array_mut().unwrap().push(serde_json::json!({"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]}));
     std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
     let state = dir.join("state");
     let id = format!("floor-{}", uuid::Uuid::new_v4().simple());
-    assert!(as_perfbox(&["runc", "--root", &state.to_string_lossy(), "run", "--bundle", &dir.to_string_lossy(), &id]).status().unwrap().success());
+    assert!(
+        as_perfbox(&[
+            "runc",
+            "--root",
+            &state.to_string_lossy(),
+            "run",
+            "--bundle",
+            &dir.to_string_lossy(),
+            &id
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
     let perf = std::fs::read_to_string(data.join("perf.json")).unwrap();
     let secs = t.elapsed().as_secs_f64();
     assert!(perf.contains("perf"));
@@ -90,11 +147,26 @@ fn raw_floor(work: &Path, dockerfile: &str, template: &serde_json::Value) -> f64
 fn runc_template(work: &Path) -> serde_json::Value {
     let d = work.join("template");
     std::fs::create_dir_all(&d).unwrap();
-    Command::new("chown").arg(PERFBOX_USER).arg(&d).status().unwrap();
-    assert!(as_perfbox(&["sh", "-c", &format!("cd {} && runc spec --rootless", d.display())]).status().unwrap().success());
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+    Command::new("chown")
+        .arg(PERFBOX_USER)
+        .arg(&d)
+        .status()
+        .unwrap();
+    assert!(
+        as_perfbox(&[
+            "sh",
+            "-c",
+            &format!("cd {} && runc spec --rootless", d.display())
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
     cfg["process"]["terminal"] = false.into();
-    cfg["process"]["args"] = serde_json::json!(["/bin/sh", "-c", "echo '{\"perf\": 1}' > /data/perf.json"]);
+    cfg["process"]["args"] =
+        serde_json::json!(["/bin/sh", "-c", "echo '{\"perf\": 1}' > /data/perf.json"]);
     cfg
 }
 
@@ -107,13 +179,36 @@ impl Client {
     /// Submit and poll until perf is visible. Seconds from submit to the answer.
     async fn job(&self, dockerfile: &str) -> (f64, serde_json::Value) {
         let t = Instant::now();
-        let form = reqwest::multipart::Form::new()
-            .part("file", reqwest::multipart::Part::bytes(dockerfile.as_bytes().to_vec()).file_name("job.Dockerfile"));
-        let v: serde_json::Value = self.http.post(format!("{}/job/build", self.base)).multipart(form).send().await.unwrap().json().await.unwrap();
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(dockerfile.as_bytes().to_vec())
+                .file_name("job.Dockerfile"),
+        );
+        let v: serde_json::Value = self
+            .http
+            .post(format!("{}/job/build", self.base))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let id = v["id"].as_i64().unwrap_or_else(|| panic!("{v}"));
         loop {
-            let p: serde_json::Value = self.http.get(format!("{}/job/performance/{id}", self.base)).send().await.unwrap().json().await.unwrap();
-            if !matches!(p["status"].as_str(), Some("queued" | "building" | "running")) {
+            let p: serde_json::Value = self
+                .http
+                .get(format!("{}/job/performance/{id}", self.base))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if !matches!(
+                p["status"].as_str(),
+                Some("queued" | "building" | "running")
+            ) {
                 return (t.elapsed().as_secs_f64(), p);
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -132,22 +227,43 @@ fn rss_kb(pid: u32, key: &str) -> u64 {
 }
 
 fn service_pid(s: &Service) -> u32 {
-    common::service::SPAWNED.lock().unwrap().iter().rev().find(|(_, d)| d == s.dir.path()).map(|(p, _)| *p).unwrap()
+    common::service::SPAWNED
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(_, d)| d == s.dir.path())
+        .map(|(p, _)| *p)
+        .unwrap()
 }
 
 fn main() {
     require_setup();
     let args: Vec<String> = std::env::args().collect();
-    let o = Opts { short: args.iter().any(|a| a == "--short"), write: args.iter().any(|a| a == "--write") };
+    let o = Opts {
+        short: args.iter().any(|a| a == "--short"),
+        write: args.iter().any(|a| a == "--write"),
+    };
     let n = if o.short { 3 } else { 9 };
     let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/perfbox");
-    let binary = if binary.exists() { binary } else { PathBuf::from(env!("CARGO_BIN_EXE_perfbox")) };
+    let binary = if binary.exists() {
+        binary
+    } else {
+        PathBuf::from(env!("CARGO_BIN_EXE_perfbox"))
+    };
     let work = TestDir::new("bench-suite");
     let template = runc_template(work.path());
-    let svc = Service::start_with(binary.clone(), "bench-svc", &[("PERFBOX_MAX_CONCURRENT_RUNS", "4")]);
+    let svc = Service::start_with(
+        binary.clone(),
+        "bench-svc",
+        &[("PERFBOX_MAX_CONCURRENT_RUNS", "4")],
+    );
     let pid = service_pid(&svc);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = Client { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{}", svc.port) };
+    let client = Client {
+        http: reqwest::Client::new(),
+        base: format!("http://127.0.0.1:{}", svc.port),
+    };
     let mut report = vec![];
     let mut line = |s: String| {
         println!("{s}");
@@ -163,7 +279,11 @@ fn main() {
     let (mut floor, mut cold, mut warm, mut warm_cmd) = (vec![], vec![], vec![], vec![]);
     for i in 0..n {
         let nonce = uuid::Uuid::new_v4().simple().to_string();
-        floor.push(raw_floor(work.path(), &job_dockerfile(&format!("floor-{nonce}"), "1"), &template));
+        floor.push(raw_floor(
+            work.path(),
+            &job_dockerfile(&format!("floor-{nonce}"), "1"),
+            &template,
+        ));
         let df = job_dockerfile(&nonce, "1");
         let (c, v) = rt.block_on(client.job(&df));
         assert_eq!(v["status"], "succeeded", "{v}");
@@ -178,10 +298,25 @@ fn main() {
     let f = median(&floor);
     line("| measurement | median | ratio to floor |".into());
     line("|---|---|---|".into());
-    line(format!("| raw floor: buildctl build + untar + runc run | {:.0} ms | 1.00x |", f * 1e3));
-    line(format!("| perfbox cold (new Dockerfile, submit → perf visible) | {:.0} ms | {:.2}x |", median(&cold) * 1e3, median(&cold) / f));
-    line(format!("| perfbox warm (same Dockerfile again) | {:.0} ms | {:.2}x |", median(&warm) * 1e3, median(&warm) / f));
-    line(format!("| perfbox warm, only CMD changed | {:.0} ms | {:.2}x |", median(&warm_cmd) * 1e3, median(&warm_cmd) / f));
+    line(format!(
+        "| raw floor: buildctl build + untar + runc run | {:.0} ms | 1.00x |",
+        f * 1e3
+    ));
+    line(format!(
+        "| perfbox cold (new Dockerfile, submit → perf visible) | {:.0} ms | {:.2}x |",
+        median(&cold) * 1e3,
+        median(&cold) / f
+    ));
+    line(format!(
+        "| perfbox warm (same Dockerfile again) | {:.0} ms | {:.2}x |",
+        median(&warm) * 1e3,
+        median(&warm) / f
+    ));
+    line(format!(
+        "| perfbox warm, only CMD changed | {:.0} ms | {:.2}x |",
+        median(&warm_cmd) * 1e3,
+        median(&warm_cmd) / f
+    ));
 
     // 5. scale: 200 submissions at once.
     let scale_n = if o.short { 50 } else { 200 };
@@ -189,8 +324,13 @@ fn main() {
     let results = rt.block_on(async {
         let tasks: Vec<_> = (0..scale_n)
             .map(|i| {
-                let c = Client { http: client.http.clone(), base: client.base.clone() };
-                tokio::spawn(async move { c.job(&job_dockerfile("scale", &format!("{i}"))).await.1 })
+                let c = Client {
+                    http: client.http.clone(),
+                    base: client.base.clone(),
+                };
+                tokio::spawn(
+                    async move { c.job(&job_dockerfile("scale", &format!("{i}"))).await.1 },
+                )
             })
             .collect();
         let mut out = vec![];
@@ -200,9 +340,14 @@ fn main() {
         out
     });
     let scale_secs = t.elapsed().as_secs_f64();
-    let ok = results.iter().filter(|v| v["status"] == "succeeded").count();
+    let ok = results
+        .iter()
+        .filter(|v| v["status"] == "succeeded")
+        .count();
     let peak_rss = rss_kb(pid, "VmHWM");
-    line(format!("| scale: {scale_n} submissions at once, all finished | {scale_secs:.1} s ({ok}/{scale_n} succeeded) | |"));
+    line(format!(
+        "| scale: {scale_n} submissions at once, all finished | {scale_secs:.1} s ({ok}/{scale_n} succeeded) | |"
+    ));
 
     // 4. API: GET /job/performance under load, with a few thousand jobs in the store.
     let store_jobs = if o.short { 100 } else { 2000 };
@@ -210,7 +355,10 @@ fn main() {
         let df = job_dockerfile("fill", "1");
         let mut pending = vec![];
         for _ in 0..store_jobs {
-            let c = Client { http: client.http.clone(), base: client.base.clone() };
+            let c = Client {
+                http: client.http.clone(),
+                base: client.base.clone(),
+            };
             let df = df.clone();
             pending.push(tokio::spawn(async move { c.job(&df).await }));
             if pending.len() >= 64 {
@@ -232,7 +380,10 @@ fn main() {
         let mut tasks = vec![];
         for c in 0..conns {
             let (stop, count) = (stop.clone(), count.clone());
-            let http = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
             let base = client.base.clone();
             tasks.push(tokio::spawn(async move {
                 let mut lat = vec![];
@@ -241,7 +392,11 @@ fn main() {
                     let id = 1 + (i * 7919) % total;
                     i += 1;
                     let t = Instant::now();
-                    let r = http.get(format!("{base}/job/performance/{id}")).send().await.unwrap();
+                    let r = http
+                        .get(format!("{base}/job/performance/{id}"))
+                        .send()
+                        .await
+                        .unwrap();
                     let _ = r.bytes().await.unwrap();
                     lat.push(t.elapsed().as_secs_f64());
                     count.fetch_add(1, Ordering::Relaxed);
@@ -265,13 +420,24 @@ fn main() {
     ));
     std::thread::sleep(Duration::from_secs(2));
     let idle_after = rss_kb(pid, "VmRSS");
-    line(format!("| service RSS: idle at start / peak / idle after load | {} MB / {} MB / {} MB | |", idle_rss / 1024, peak_rss.max(rss_kb(pid, "VmHWM")) / 1024, idle_after / 1024));
+    line(format!(
+        "| service RSS: idle at start / peak / idle after load | {} MB / {} MB / {} MB | |",
+        idle_rss / 1024,
+        peak_rss.max(rss_kb(pid, "VmHWM")) / 1024,
+        idle_after / 1024
+    ));
 
     // 6. export: ~200 MB image through perfbox's BuildKit client vs buildctl + untar.
     let mb = if o.short { 50 } else { 150 };
-    let big = format!("FROM python:3-slim\nRUN head -c {}000000 /dev/urandom > /blob\nCMD true\n", mb);
+    let big = format!(
+        "FROM python:3-slim\nRUN head -c {}000000 /dev/urandom > /blob\nCMD true\n",
+        mb
+    );
     let (ours, bytes) = rt.block_on(async {
-        let client = perfbox::buildkit::BuildkitClient::connect(&format!("unix://{BUILDKIT_SOCKET}")).await.unwrap();
+        let client =
+            perfbox::buildkit::BuildkitClient::connect(&format!("unix://{BUILDKIT_SOCKET}"))
+                .await
+                .unwrap();
         let mut best = (f64::MAX, 0u64);
         for i in 0..3 {
             let dst = work.path().join(format!("export-{i}"));
@@ -307,18 +473,33 @@ fn main() {
         floor_export,
         ours / floor_export
     ));
-    line("| docker build + docker run | not measured: no Docker engine runs on these machines | |".into());
+    line(
+        "| docker build + docker run | not measured: no Docker engine runs on these machines | |"
+            .into(),
+    );
 
     drop(svc);
     stop_all();
     if o.write {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-        let mut text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# perfbox benchmarks\n".into());
+        let mut text =
+            std::fs::read_to_string(&path).unwrap_or_else(|_| "# perfbox benchmarks\n".into());
         if let Some(i) = text.find("\n## Suite") {
-            let end = text[i + 1..].find("\n## ").map(|j| i + 1 + j).unwrap_or(text.len());
+            let end = text[i + 1..]
+                .find("\n## ")
+                .map(|j| i + 1 + j)
+                .unwrap_or(text.len());
             text.replace_range(i..end, "");
         }
-        let date = String::from_utf8_lossy(&Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().unwrap().stdout).trim().to_string();
+        let date = String::from_utf8_lossy(
+            &Command::new("date")
+                .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim()
+        .to_string();
         text.push_str(&format!(
             "\n## Suite ({date}, {} run)\n\n2-core dev machine, Debian 12, cgroup v1 hybrid, rootless buildkitd v0.13.2, runc 1.1.5, release build.\nCommand: `cargo bench --bench suite -- --write{}`. Medians of {n} interleaved runs.\n\n{}\n",
             if o.short { "short" } else { "full" },

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod service;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

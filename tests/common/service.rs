@@ -1,0 +1,253 @@
+//! A real `perfbox serve` for tests and benchmarks: the built binary, run as the unprivileged
+//! perfbox user with a fresh state dir on a free loopback port, driven with curl.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{PERFBOX_USER, TestDir};
+
+pub struct Service {
+    binary: PathBuf,
+    child: Option<Child>,
+    /// Loopback port.
+    pub port: u16,
+    /// Its test dir (state/ and service.log inside).
+    pub dir: TestDir,
+    env: Vec<(String, String)>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Service {
+    pub fn start(tag: &str, env: &[(&str, &str)]) -> Service {
+        Self::start_with(env!("CARGO_BIN_EXE_perfbox").into(), tag, env)
+    }
+
+    /// Start a given perfbox binary (benchmarks use the release build).
+    pub fn start_with(binary: PathBuf, tag: &str, env: &[(&str, &str)]) -> Service {
+        let dir = TestDir::new(tag);
+        let st = Command::new("chown")
+            .args(["-R", PERFBOX_USER])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut s = Service {
+            binary,
+            child: None,
+            port: free_port(),
+            dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("service.log"))
+            .unwrap();
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid",
+            PERFBOX_USER,
+            "--regid",
+            PERFBOX_USER,
+            "--init-groups",
+            "--",
+        ])
+        .arg(&self.binary)
+        .args([
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{}", self.port),
+            "--state-dir",
+        ])
+        .arg(self.state())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("RUST_LOG", "perfbox=debug")
+        .env("PERFBOX_RUN_TIMEOUT_SECS", "8")
+        .env("PERFBOX_MEMORY_BYTES", "134217728")
+        .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        let child = cmd.spawn().unwrap();
+        SPAWNED
+            .lock()
+            .unwrap()
+            .push((child.id(), self.dir.path().to_path_buf()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = self.try_curl(&["/healthz"]) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("perfbox did not become healthy:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("service.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // setpriv execs perfbox, so this pid is perfbox itself.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// curl ARGS... with the path as the last argument; returns (status, body).
+    pub fn try_curl(&self, args: &[&str]) -> Result<(u16, String), String> {
+        let (path, rest) = args.split_last().unwrap();
+        let out = Command::new("curl")
+            .args(["-sS", "-m", "30", "-w", "\n%{http_code}"])
+            .args(rest)
+            .arg(format!("http://127.0.0.1:{}{path}", self.port))
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').ok_or("no status")?;
+        let code: u16 = code
+            .trim()
+            .parse()
+            .map_err(|_| format!("curl failed: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if code == 0 {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok((code, body.to_string()))
+    }
+
+    pub fn curl(&self, args: &[&str]) -> (u16, Value) {
+        let (code, body) = self
+            .try_curl(args)
+            .unwrap_or_else(|e| panic!("curl {args:?}: {e}"));
+        let v = serde_json::from_str(&body).unwrap_or_else(|_| Value::String(body));
+        (code, v)
+    }
+
+    /// POST a Dockerfile the way existing clients do: `curl -X POST -F file=@job.Dockerfile`.
+    pub fn submit(&self, dockerfile: &str) -> i64 {
+        let path = self
+            .dir
+            .path()
+            .join(format!("job-{}.Dockerfile", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, dockerfile).unwrap();
+        let (code, v) = self.curl(&[
+            "-X",
+            "POST",
+            "-F",
+            &format!("file=@{}", path.display()),
+            "/job/build",
+        ]);
+        assert_eq!(code, 202, "{v}");
+        assert!(
+            v["filename"].as_str().unwrap().ends_with(".Dockerfile"),
+            "{v}"
+        );
+        v["id"].as_i64().unwrap()
+    }
+
+    /// Poll /job/performance/<id> until the job ends.
+    pub fn wait(&self, id: i64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let (code, v) = self.curl(&[&format!("/job/performance/{id}")]);
+            assert_eq!(code, 200, "{v}");
+            if !matches!(
+                v["status"].as_str(),
+                Some("queued" | "building" | "running")
+            ) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not finish: {v}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_status(&self, id: i64, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let (_, v) = self.curl(&[&format!("/job/performance/{id}")]);
+            if v["status"] == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("job {id} never became {want}");
+    }
+
+    pub fn total_jobs(&self) -> i64 {
+        self.curl(&["/jobs"]).1["total"].as_i64().unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Every service started, so main can stop the shared one (statics are never dropped).
+pub static SPAWNED: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+
+pub fn stop_all() {
+    for (pid, dir) in SPAWNED.lock().unwrap().drain(..) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
