@@ -409,6 +409,17 @@ fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
     assert_eq!(rec(first)["image_cache"], "miss");
     assert_eq!(rec(second)["image_cache"], "hit", "{}", rec(second));
     assert_eq!(rec(first)["image_digest"], rec(second)["image_digest"]);
+    // Only CMD changed: BuildKit solves (from its cache) but the rootfs is already cached, so
+    // nothing is exported.
+    let cmd_only = df.replace("wc -c < /nonce", "cat /nonce | wc -c");
+    let third = s.submit(&cmd_only);
+    assert_eq!(s.wait(third)["perf"], 33.0);
+    assert_eq!(rec(third)["image_cache"], "rootfs-hit", "{}", rec(third));
+    let (_, logs3) = s.curl(&[&format!("/job/{third}/logs")]);
+    assert!(
+        logs3.as_str().unwrap().contains("export skipped"),
+        "{logs3}"
+    );
     let (_, logs) = s.curl(&[&format!("/job/{second}/logs")]);
     assert!(
         logs.as_str().unwrap().contains("reusing its cached image"),

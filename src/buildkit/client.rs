@@ -334,6 +334,46 @@ impl BuildkitClient {
 
         let (config, config_digest) = image_config(&result)?;
         check_result_defs(&result)?;
+        let rootfs_key = rootfs_key(&result);
+        if let (Some(key), Some(filter)) = (&rootfs_key, &req.skip_export)
+            && (filter.0)(key)
+        {
+            // The caller already has this filesystem: end the build without exporting it.
+            let ret = with_build_id(
+                ReturnRequest {
+                    result: None,
+                    error: Some(RpcStatus {
+                        code: tonic::Code::Cancelled as i32,
+                        message: "perfbox: root filesystem already cached; export skipped"
+                            .to_owned(),
+                        details: vec![],
+                    }),
+                },
+                &build_ref,
+            )?;
+            let _ = tokio::time::timeout(WIND_DOWN, bridge.r#return(ret)).await;
+            let _ = tokio::time::timeout(WIND_DOWN, &mut outer_solve).await;
+            drop(session);
+            let summary = match tokio::time::timeout(WIND_DOWN, status_task.join()).await {
+                Ok(Ok(s)) => s,
+                _ => StatusSummary::default(),
+            };
+            log.line(&format!(
+                "perfbox: root filesystem {key} is already cached; export skipped"
+            ));
+            return Ok(BuiltImage {
+                rootfs: req.rootfs_dir,
+                config,
+                config_digest,
+                cached_steps: summary.cached_steps,
+                total_steps: summary.total_steps,
+                export_bytes: 0,
+                export_duration: Duration::ZERO,
+                duration: started.elapsed(),
+                rootfs_key,
+                exported: false,
+            });
+        }
         let ret = with_build_id(
             ReturnRequest {
                 result: Some(result),
@@ -386,6 +426,8 @@ impl BuildkitClient {
             export_bytes: export.bytes,
             export_duration: export.duration,
             duration: started.elapsed(),
+            rootfs_key,
+            exported: true,
         })
     }
 
@@ -478,6 +520,23 @@ fn image_config(result: &GatewayResult) -> Result<(ImageConfig, Option<String>),
     })?;
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(raw)));
     Ok((config, Some(digest)))
+}
+
+/// `llb-` + sha256 over the ops of the result's definition (length-prefixed, in order): the
+/// identity of the root filesystem, independent of the image config (CMD, ENV...) and of op
+/// metadata such as progress names.
+fn rootfs_key(result: &GatewayResult) -> Option<String> {
+    use super::proto::gateway_result::Kind;
+    let def = match &result.result {
+        Some(Kind::Ref(r)) => r.def.as_ref()?,
+        _ => return None,
+    };
+    let mut h = Sha256::new();
+    for op in &def.def {
+        h.update((op.len() as u64).to_le_bytes());
+        h.update(op);
+    }
+    Some(format!("llb-{}", hex::encode(h.finalize())))
 }
 
 /// The result we hand back in `Return` contains Definitions (the daemon's own); they are

@@ -92,6 +92,20 @@ pub struct BuildRequest {
     /// Cancelling this token cancels the build on the daemon; [`BuildkitClient::build`] then
     /// returns [`BuildError::Cancelled`]. Dropping the build future has the same effect.
     pub cancel: CancellationToken,
+    /// Asked, once the solve is done and before anything is exported, whether the caller already
+    /// holds the root filesystem with this key ([`BuiltImage::rootfs_key`]). `true` skips the
+    /// export: the build returns with [`BuiltImage::exported`] false and nothing unpacked.
+    pub skip_export: Option<ExportFilter>,
+}
+
+/// See [`BuildRequest::skip_export`].
+#[derive(Clone)]
+pub struct ExportFilter(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for ExportFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExportFilter(..)")
+    }
 }
 
 impl BuildRequest {
@@ -106,6 +120,7 @@ impl BuildRequest {
             rootfs_dir: rootfs_dir.into(),
             no_cache: false,
             cancel: CancellationToken::new(),
+            skip_export: None,
         }
     }
 }
@@ -132,6 +147,12 @@ pub struct BuiltImage {
     pub export_duration: Duration,
     /// Whole build, from the call to the return.
     pub duration: Duration,
+    /// Content key of the image's root filesystem: `llb-` + sha256 of the ops of BuildKit's final
+    /// build definition. Builds with the same definition produce the same filesystem (BuildKit
+    /// serves them from its cache), so a CMD-only change keeps the key.
+    pub rootfs_key: Option<String>,
+    /// False when [`BuildRequest::skip_export`] said the caller already has this rootfs.
+    pub exported: bool,
 }
 
 impl BuiltImage {

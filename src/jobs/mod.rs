@@ -21,7 +21,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::buildkit::{
-    BuildError, BuildLog, BuildNetwork, BuildRequest, BuildkitClient, FileLog, ImageBuilder,
+    BuildError, BuildLog, BuildNetwork, BuildRequest, BuildkitClient, ExportFilter, FileLog,
+    ImageBuilder,
 };
 use crate::config::{BuildNetworkSetting, Config};
 use crate::sandbox::perf::PerfError;
@@ -467,6 +468,17 @@ impl JobService {
                 BuildNetworkSetting::Isolated => BuildNetwork::Sandbox,
             };
             req.cancel = token.child_token();
+            // After the solve, before the export: if the cache holds this rootfs, lease it
+            // (so it cannot be evicted) and skip the export.
+            let reused: Arc<Mutex<Option<images::Lease>>> = Arc::new(Mutex::new(None));
+            let (cache, slot) = (self.inner.images.clone(), reused.clone());
+            req.skip_export = Some(ExportFilter(Arc::new(move |key| match cache.lease(key) {
+                Some(lease) => {
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+                    true
+                }
+                None => false,
+            })));
             let timeout = Duration::from_secs(cfg.build_timeout_secs);
             let outcome =
                 tokio::time::timeout(timeout, self.inner.buildkit.build_image(req, log.clone()))
@@ -499,21 +511,33 @@ impl JobService {
                 }
                 Ok(Ok(b)) => b,
             };
-            let key = format!("df-{sha}");
-            let lease = match self.inner.images.insert(&key, &staging, built.export_bytes) {
-                Ok(l) => l,
-                Err(e) => {
+            let reused = reused.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let (lease, source) = match reused {
+                Some(lease) if !built.exported => {
                     let _ = std::fs::remove_dir_all(&staging);
-                    return fail(
-                        JobStatus::BuildFailed,
-                        format!("cannot store the built image: {e}"),
-                    );
+                    (lease, "rootfs-hit")
+                }
+                _ => {
+                    let key = built
+                        .rootfs_key
+                        .clone()
+                        .unwrap_or_else(|| format!("df-{sha}"));
+                    match self.inner.images.insert(&key, &staging, built.export_bytes) {
+                        Ok(l) => (l, "miss"),
+                        Err(e) => {
+                            let _ = std::fs::remove_dir_all(&staging);
+                            return fail(
+                                JobStatus::BuildFailed,
+                                format!("cannot store the built image: {e}"),
+                            );
+                        }
+                    }
                 }
             };
             self.inner.images.set_alias(
                 &sha,
                 &images::Alias {
-                    rootfs_key: key,
+                    rootfs_key: lease.key().to_string(),
                     config: built.config.clone(),
                     config_digest: built.config_digest.clone(),
                 },
@@ -522,7 +546,7 @@ impl JobService {
                 image_digest: built.config_digest.clone(),
                 cached_steps: Some(built.cached_steps as i64),
                 total_steps: Some(built.total_steps as i64),
-                image_cache: Some("miss".into()),
+                image_cache: Some(source.into()),
                 ..Default::default()
             };
             (built.config, lease, patch)

@@ -58,8 +58,10 @@ pub struct JobRecord {
     pub exit_code: Option<i64>,
     /// Killed by the OOM killer.
     pub oom_killed: Option<bool>,
-    /// "hit": the image came from perfbox's image cache (identical Dockerfile built before; no
-    /// BuildKit call, no export); "miss": built by BuildKit and exported.
+    /// Where the image came from: "hit" (an identical Dockerfile was built before: no BuildKit
+    /// call, no export), "rootfs-hit" (BuildKit solved it, mostly from its cache, and its root
+    /// filesystem was already in perfbox's image cache: no export — e.g. only CMD changed), or
+    /// "miss" (built and exported).
     pub image_cache: Option<String>,
 }
 
