@@ -197,11 +197,27 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("bind address {:?}", cfg.bind))?;
 
+    // Under systemd with Delegate=yes our own cgroup is ours: move into a leaf, enable the
+    // controllers and use it as the parent of job cgroups (see sandbox::cgroups). Only when no
+    // parent is configured and we are not root (a root perfbox hands containers to
+    // runtime_user, who does not own the unit's cgroup).
+    let uid = nix::unistd::geteuid();
+    let mut cgroup_parent = cfg.cgroup_parent.clone();
+    if cgroup_parent.is_none() && !uid.is_root() {
+        match perfbox::sandbox::cgroups::prepare_delegated_v2(uid.as_raw()) {
+            Ok(Some(parent)) => {
+                tracing::info!(%parent, "cgroup v2: using the delegated service cgroup for jobs");
+                cgroup_parent = Some(parent);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cgroup v2 delegation not usable: {e}"),
+        }
+    }
     let sandbox = Sandbox::new(SandboxConfig {
         runtime: cfg.runtime,
         runtime_user: cfg.runtime_user.clone(),
         limits: cfg.limits.clone(),
-        cgroup_parent: cfg.cgroup_parent.clone(),
+        cgroup_parent,
         seccomp_profile: None,
     })
     .context("sandbox")?;

@@ -7,6 +7,15 @@
 //!   created and chowned to the runtime user (`/sys/fs/cgroup/{memory,pids,cpu}/perfbox`);
 //!   rootless runc applies limits inside them and skips controllers it cannot write.
 //! - Neither: no cgroup limits; the sandbox falls back to rlimits and says so.
+//!
+//! # Under systemd (`Delegate=yes`)
+//! systemd hands the service its own cgroup (e.g. `/system.slice/perfbox.service`, owned by the
+//! service user), but cgroup v2's no-internal-processes rule forbids enabling controllers for
+//! children while perfbox itself still lives in that cgroup. [`prepare_delegated_v2`] therefore
+//! moves the service's processes into a leaf child (`<own>/service`), enables `+memory +pids +cpu`
+//! in `<own>/cgroup.subtree_control`, and returns `<own>`: the parent of every job cgroup
+//! (`<own>/<container id>`). `perfbox serve` calls it at startup when the host is cgroup v2 and
+//! no `cgroup_parent` is configured.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -219,6 +228,109 @@ impl CgroupHost {
     }
 }
 
+/// The leaf child a delegated service moves itself into (see [`prepare_delegated_v2`]).
+pub const SERVICE_LEAF: &str = "service";
+
+/// Errors of [`prepare_delegated_v2`].
+#[derive(Debug, thiserror::Error)]
+pub enum DelegationError {
+    /// A cgroupfs or procfs file could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Make the cgroup that systemd delegated to this process (`Delegate=yes`) usable as the parent of
+/// job cgroups, and return that parent (a path inside the hierarchy, e.g.
+/// `/system.slice/perfbox.service`).
+///
+/// Returns `Ok(None)`, changing nothing, when the host is not cgroup v2 or our own cgroup is not
+/// a directory owned by `uid` (not delegated: e.g. run by hand from a shell), so the caller keeps
+/// its default (`/perfbox`, prepared by `scripts/setup`).
+///
+/// Steps (cgroup v2 forbids controllers in `subtree_control` of a cgroup that has processes):
+/// 1. read our cgroup from `/proc/self/cgroup` (`0::<path>`); if it is already `<own>/service`
+///    (a previous call), `<own>` is the parent;
+/// 2. create the leaf `<own>/service` and move every process of `<own>` into it (only this
+///    service's own processes can be there: it is the unit's cgroup);
+/// 3. write `+memory`, `+pids`, `+cpu` (those listed in `<own>/cgroup.controllers`) to
+///    `<own>/cgroup.subtree_control`. A controller the kernel refuses stays off; the sandbox's
+///    detection then records that its limit did not apply through a cgroup.
+pub fn prepare_delegated_v2(uid: u32) -> Result<Option<String>, DelegationError> {
+    let own =
+        std::fs::read_to_string("/proc/self/cgroup").map_err(|source| DelegationError::Io {
+            what: "cannot read",
+            path: "/proc/self/cgroup".into(),
+            source,
+        })?;
+    prepare_delegated_v2_in(Path::new(CGROUP_ROOT), &own, uid, std::process::id())
+}
+
+/// [`prepare_delegated_v2`] with an injectable cgroupfs root, `/proc/self/cgroup` text and pid.
+pub fn prepare_delegated_v2_in(
+    root: &Path,
+    proc_self_cgroup: &str,
+    uid: u32,
+    pid: u32,
+) -> Result<Option<String>, DelegationError> {
+    if !root.join("cgroup.controllers").exists() {
+        return Ok(None);
+    }
+    let Some(mut own) = proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().trim_end_matches('/').to_string())
+    else {
+        return Ok(None);
+    };
+    let owned = |rel: &str| {
+        std::fs::metadata(root.join(rel.trim_start_matches('/')))
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid)
+    };
+    if let Some(parent) = own.strip_suffix(&format!("/{SERVICE_LEAF}")) {
+        if !parent.is_empty() && owned(parent) {
+            own = parent.to_string();
+        }
+    }
+    if own.is_empty() || !owned(&own) {
+        return Ok(None);
+    }
+    let dir = root.join(own.trim_start_matches('/'));
+    let io = |what: &'static str, path: PathBuf| {
+        move |source| DelegationError::Io { what, path, source }
+    };
+    let leaf = dir.join(SERVICE_LEAF);
+    match std::fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("cannot create", leaf.clone())(e)),
+    }
+    // Move ourselves first, then anything else the unit's cgroup still holds (a helper we
+    // spawned before this call). A pid that exited meanwhile is not an error.
+    let procs = leaf.join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string()).map_err(io("cannot move into", procs.clone()))?;
+    let listed = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for other in listed.split_whitespace() {
+        let _ = std::fs::write(&procs, other);
+    }
+    let available = std::fs::read_to_string(dir.join("cgroup.controllers"))
+        .map_err(io("cannot read", dir.join("cgroup.controllers")))?;
+    let control = dir.join("cgroup.subtree_control");
+    for c in Controller::ALL {
+        if available.split_whitespace().any(|a| a == c.name()) {
+            std::fs::write(&control, format!("+{}", c.name()))
+                .map_err(io("cannot enable a controller in", control.clone()))?;
+        }
+    }
+    Ok(Some(own))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +388,60 @@ mod tests {
             CgroupHost::detect_in(other.path(), uid + 1, "/perfbox"),
             CgroupHost::Unavailable { .. }
         ));
+    }
+
+    #[test]
+    fn delegated_v2_moves_into_a_leaf_and_returns_the_units_cgroup() {
+        let uid = nix::unistd::geteuid().as_raw();
+        let root = tempfile::tempdir().unwrap();
+        let proc = "0::/system.slice/perfbox.service\n";
+        // Not v2: nothing to do.
+        assert_eq!(
+            prepare_delegated_v2_in(root.path(), proc, uid, 42).unwrap(),
+            None
+        );
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        // v2, but our cgroup is not a directory we own: not delegated.
+        assert_eq!(
+            prepare_delegated_v2_in(root.path(), proc, uid, 42).unwrap(),
+            None
+        );
+        let own = root.path().join("system.slice/perfbox.service");
+        std::fs::create_dir_all(&own).unwrap();
+        assert_eq!(
+            prepare_delegated_v2_in(root.path(), proc, uid + 1, 42).unwrap(),
+            None
+        );
+        std::fs::write(own.join("cgroup.controllers"), "cpuset cpu io memory pids").unwrap();
+        std::fs::write(own.join("cgroup.procs"), "").unwrap();
+        let parent = prepare_delegated_v2_in(root.path(), proc, uid, 42).unwrap();
+        assert_eq!(parent.as_deref(), Some("/system.slice/perfbox.service"));
+        // A plain file stands in for cgroupfs, so it keeps the last write of each file.
+        assert_eq!(
+            std::fs::read_to_string(own.join("service/cgroup.procs")).unwrap(),
+            "42"
+        );
+        assert_eq!(
+            std::fs::read_to_string(own.join("cgroup.subtree_control")).unwrap(),
+            "+cpu"
+        );
+        // Called again from inside the leaf: the same parent, not the leaf.
+        let again = prepare_delegated_v2_in(
+            root.path(),
+            "0::/system.slice/perfbox.service/service\n",
+            uid,
+            42,
+        )
+        .unwrap();
+        assert_eq!(again, parent);
+        // A job cgroup path under that parent.
+        let host = CgroupHost::V2 {
+            parent: parent.unwrap(),
+            controllers: Controller::ALL.to_vec(),
+        };
+        assert_eq!(
+            host.cgroups_path("job-7").as_deref(),
+            Some("/system.slice/perfbox.service/job-7")
+        );
     }
 }
