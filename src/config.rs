@@ -44,6 +44,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// buildkitd address: `unix:///path`, `/path` or `tcp://host:port`.
     pub buildkit_addr: String,
+    /// TLS for a `tcp://` buildkitd (None: plaintext, for loopback only).
+    pub buildkit_tls: Option<crate::buildkit::TlsOptions>,
     /// Network for build RUN steps.
     pub build_network: BuildNetworkSetting,
     /// The networked buildkitd used when `build_network = "isolated"`.
@@ -78,6 +80,7 @@ impl Default for Config {
             bind: "127.0.0.1:8080".into(),
             state_dir: "/var/lib/perfbox/service".into(),
             buildkit_addr: "unix:///run/perfbox/buildkit/buildkitd.sock".into(),
+            buildkit_tls: None,
             build_network: BuildNetworkSetting::None,
             buildkit_net_addr: "unix:///run/perfbox/buildkit-net/buildkitd.sock".into(),
             runtime: RuntimeKind::Runc,

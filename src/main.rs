@@ -226,9 +226,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         perfbox::config::BuildNetworkSetting::None => cfg.buildkit_addr.clone(),
         perfbox::config::BuildNetworkSetting::Isolated => cfg.buildkit_net_addr.clone(),
     };
-    let buildkit = BuildkitClient::connect(&build_addr)
-        .await
-        .context("buildkit client")?;
+    let buildkit = match &cfg.buildkit_tls {
+        Some(tls) => BuildkitClient::connect_tls(&build_addr, tls).await,
+        None => BuildkitClient::connect(&build_addr).await,
+    }
+    .context("buildkit client")?;
     let jobs = JobService::start(cfg.clone(), buildkit, sandbox)
         .await
         .context("job service")?;

@@ -683,6 +683,76 @@ fn daemon_restart_same_client() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The main buildkitd process (not the networked one, not rootlesskit).
+fn main_buildkitd_pids() -> Vec<i32> {
+    let mut pids = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if comm.trim() == "buildkitd" && cmd.contains("/buildkit/buildkitd.toml") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+// ---- a crash, as buildkitd v0.13.2 has on malformed LLB: kill -9, the supervisor restarts it ----
+fn daemon_crash_supervisor_restarts() -> Result<(), Failed> {
+    let rt = runtime();
+    let client = require_daemon(&rt);
+    let _restore = RestartOnDrop;
+    let df = format!("FROM busybox\nRUN echo {} && sleep 58\n", nonce());
+    let dir = tempfile::tempdir()?;
+    let req = request(&df, dir.path());
+    let lost = rt.block_on(async {
+        let build = client.build(req, MemoryLog::new());
+        tokio::pin!(build);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while processes_with("sleep 58").is_empty() {
+            tokio::select! {
+                r = &mut build => panic!("build ended early: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            assert!(Instant::now() < deadline, "RUN never started");
+        }
+        let pids = main_buildkitd_pids();
+        assert_eq!(pids.len(), 1, "expected one main buildkitd, found {pids:?}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pids[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(15), &mut build)
+            .await
+            .expect("build must fail promptly when the daemon crashes")
+    });
+    match lost {
+        Err(e @ (BuildError::DaemonLost { .. } | BuildError::DaemonUnavailable { .. })) => {
+            eprintln!("  crash reported as: {e}")
+        }
+        other => panic!("daemon crashed mid-build, got {other:?}"),
+    }
+    // Nobody but the supervisor restarts it; the same client builds again.
+    let up = wait_healthy(&rt, &client);
+    eprintln!("  supervisor brought buildkitd back after {up:?}");
+    let dir = tempfile::tempdir()?;
+    let img = build_ok(
+        &rt,
+        &client,
+        request(
+            &format!("FROM busybox\nRUN echo again-{} > /again\n", nonce()),
+            dir.path(),
+        ),
+    );
+    assert!(read(&img.rootfs, "again").starts_with("again-"));
+    Ok(())
+}
+
 fn main() {
     let mut args = Arguments::from_args();
     // Serial and in order, whatever the caller asked for (see the module docs).
@@ -714,6 +784,10 @@ fn main() {
         Trial::test(
             "buildkit_cancellation_stops_the_solve",
             cancellation_stops_the_solve,
+        ),
+        Trial::test(
+            "buildkit_daemon_crash_supervisor_restarts",
+            daemon_crash_supervisor_restarts,
         ),
         Trial::test(
             "buildkit_daemon_restart_same_client",

@@ -261,6 +261,38 @@ fn delete_running() -> Result<(), Failed> {
     assert!(marker_gone(&marker), "container process left after DELETE");
     let (code, _) = s.curl(&["-X", "DELETE", &format!("/job/{id}")]);
     assert_eq!(code, 409, "cancelling a finished job is a conflict");
+    // During the build: the solve is cancelled on the daemon.
+    let marker = format!("4343.{}", std::process::id());
+    let id = s.submit(&format!("FROM busybox\nRUN sleep {marker}\nCMD true\n"));
+    s.wait_status(id, "building");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processes_with(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the RUN step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, v) = s.curl(&["-X", "DELETE", &format!("/job/{id}")]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert!(
+        marker_gone(&marker),
+        "the build's RUN process is left after DELETE"
+    );
+    // PUT is accepted like POST (existing clients use both).
+    let path = s.dir.path().join("put.Dockerfile");
+    std::fs::write(
+        &path,
+        "FROM busybox\nCMD echo '{\"perf\": 5}' > /data/perf.json\n",
+    )
+    .unwrap();
+    let (code, v) = s.curl(&[
+        "-X",
+        "PUT",
+        "-F",
+        &format!("file=@{}", path.display()),
+        "/job/build",
+    ]);
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(s.wait(v["id"].as_i64().unwrap())["perf"], 5.0);
     Ok(())
 }
 

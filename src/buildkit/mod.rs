@@ -37,7 +37,7 @@ use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use self::client::BuildkitClient;
+pub use self::client::{BuildkitClient, TlsOptions};
 pub use self::definition::DefinitionError;
 pub use self::error::{BuildError, ExportError};
 pub use self::export::{UnpackStats, unpack_tar};
