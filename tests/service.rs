@@ -460,6 +460,58 @@ fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
     Ok(())
 }
 
+fn cli_client() -> Result<(), Failed> {
+    let s = shared();
+    let url = format!("http://127.0.0.1:{}", s.port);
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_perfbox"))
+            .args(args)
+            .env("PERFBOX_URL", &url)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let path = s.dir.path().join("cli.Dockerfile");
+    std::fs::write(
+        &path,
+        "FROM busybox\nCMD echo '{\"perf\": 0.25}' > /data/perf.json\n",
+    )
+    .unwrap();
+    let (ok, out, err) = cli(&["submit", "--wait", path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "0.25");
+    assert!(
+        err.contains("succeeded"),
+        "progress is shown while waiting: {err}"
+    );
+    let (ok, out, _) = cli(&["submit", path.to_str().unwrap()]);
+    assert!(ok);
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    s.wait(id);
+    let (ok, out, _) = cli(&["status", &id.to_string()]);
+    assert!(ok && out.contains("\"succeeded\""), "{out}");
+    let (ok, out, _) = cli(&["spec", &id.to_string()]);
+    assert!(ok && out.contains("\"namespaces\""), "{out}");
+    let (ok, out, _) = cli(&["logs", &id.to_string()]);
+    assert!(ok && out.contains("===== run log ====="), "{out}");
+    let (ok, _, err) = cli(&["status", "999999"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    // A failing job makes `submit --wait` fail with the reason.
+    std::fs::write(&path, "FROM busybox\nCMD exit 9\n").unwrap();
+    let (ok, _, err) = cli(&["submit", "--wait", path.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("run_failed") && err.contains("code 9"),
+        "{err}"
+    );
+    Ok(())
+}
+
 fn main() {
     require_setup();
     let args = Arguments::from_args();
@@ -486,6 +538,7 @@ fn main() {
             job_cannot_reach_the_api,
         ),
         Trial::test("logs_follow_streams_until_the_job_ends", logs_follow),
+        Trial::test("cli_submit_wait_status_spec_logs", cli_client),
         Trial::test(
             "resubmission_reuses_the_cached_image",
             resubmission_reuses_the_cached_image,
