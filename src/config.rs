@@ -68,6 +68,11 @@ pub struct Config {
     pub max_queued_jobs: usize,
     /// Size bound of the shared image cache (root filesystems), LRU-evicted, never under a job.
     pub image_cache_bytes: u64,
+    /// A build is refused, or stopped, when the disk holding `state_dir` or `buildkit_root` has
+    /// less free space than this (a RUN step can write until the disk is full).
+    pub min_free_disk_bytes: u64,
+    /// BuildKit's root directory, when the daemon is local (watched for free space).
+    pub buildkit_root: Option<PathBuf>,
     /// Sandbox limits for each run.
     pub limits: Limits,
     /// API tokens; empty = no authentication.
@@ -92,6 +97,8 @@ impl Default for Config {
             max_dockerfile_bytes: 1 << 20,
             max_queued_jobs: 10_000,
             image_cache_bytes: 10 << 30,
+            min_free_disk_bytes: 2 << 30,
+            buildkit_root: Some("/var/lib/perfbox/buildkit/root".into()),
             limits: Limits::default(),
             tokens: vec![],
         }
@@ -193,6 +200,12 @@ impl Config {
         }
         if let Some(v) = get("PERFBOX_BUILD_TIMEOUT_SECS") {
             self.build_timeout_secs = parse("PERFBOX_BUILD_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = get("PERFBOX_MIN_FREE_DISK_BYTES") {
+            self.min_free_disk_bytes = parse("PERFBOX_MIN_FREE_DISK_BYTES", v)?;
+        }
+        if let Some(v) = get("PERFBOX_DATA_BYTES") {
+            self.limits.data_bytes = parse("PERFBOX_DATA_BYTES", v)?;
         }
         if let Some(v) = get("PERFBOX_MEMORY_BYTES") {
             self.limits.memory_bytes = parse("PERFBOX_MEMORY_BYTES", v)?;

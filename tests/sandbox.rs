@@ -121,7 +121,10 @@ fn probe(kind: RuntimeKind) -> Result<(), String> {
 /// The runtime the attack trials use: `PERFBOX_TEST_RUNTIME` (runc, crun or youki), default runc.
 /// The cgroup v2 VM test runs this binary once per runtime.
 fn attack_runtime() -> RuntimeKind {
-    std::env::var("PERFBOX_TEST_RUNTIME").ok().map(|v| v.parse().expect("PERFBOX_TEST_RUNTIME")).unwrap_or(RuntimeKind::Runc)
+    std::env::var("PERFBOX_TEST_RUNTIME")
+        .ok()
+        .map(|v| v.parse().expect("PERFBOX_TEST_RUNTIME"))
+        .unwrap_or(RuntimeKind::Runc)
 }
 
 fn tests() -> Vec<Trial> {
@@ -186,6 +189,7 @@ fn tests() -> Vec<Trial> {
         t("fork_bomb_ends_without_harming_the_host", fork_bomb),
         t("memory_limit_applies_and_oom_is_reported", memory_limit),
         t("log_is_capped", log_capped),
+        t("filling_data_is_stopped_and_cleaned_up", data_disk_bomb),
         t("seccomp_denies_unshare_and_mount", seccomp_denies),
     ]);
     trials
@@ -541,6 +545,37 @@ fn memory_limit() {
             }
             other => panic!("memory limit not applied at all: {other:?}"),
         }
+    })
+    .unwrap();
+}
+
+fn data_disk_bomb() {
+    block_on(async {
+        let job = TestDir::new("job");
+        let limits = Limits { data_bytes: 32 << 20, data_files: 1000, timeout_secs: 60, ..Limits::default() };
+        let started = Instant::now();
+        let r = run_with(
+            &sandbox(attack_runtime()),
+            &job,
+            &shell("i=0; while true; do i=$((i+1)); dd if=/dev/zero of=/data/fill-$i bs=1M count=16 2>/dev/null; done"),
+            Some(&limits),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(&r.end, RunEnd::DataLimit { exceeded } if exceeded.contains("bytes")), "{:?}", r.end);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(std::fs::read_dir(job.path().join("out")).unwrap().count(), 0, "the oversized output must be removed");
+        // Many small files: the file count bound.
+        let job = TestDir::new("job");
+        let r = run_with(
+            &sandbox(attack_runtime()),
+            &job,
+            &shell("i=0; while true; do i=$((i+1)); : > /data/f$i; done"),
+            Some(&limits),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(&r.end, RunEnd::DataLimit { exceeded } if exceeded.contains("files")), "{:?}", r.end);
     })
     .unwrap();
 }

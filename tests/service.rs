@@ -139,6 +139,11 @@ fn failure_statuses() -> Result<(), Failed> {
             "run_failed",
             "ghost",
         ),
+        (
+            "FROM busybox\nCMD while true; do dd if=/dev/zero of=/data/f$RANDOM bs=1M count=64; done 2>/dev/null\n",
+            "run_failed",
+            "bytes of disk in /data",
+        ),
     ];
     let ids: Vec<i64> = cases.iter().map(|(df, _, _)| s.submit(df)).collect();
     for ((df, status, reason), id) in cases.iter().zip(ids) {
@@ -460,6 +465,63 @@ fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
     Ok(())
 }
 
+fn build_disk_bomb_is_stopped() -> Result<(), Failed> {
+    // A service whose free-disk floor sits 300 MB below what is free now: a RUN step writing
+    // 8 GB must be stopped long before the disk fills, and its space given back.
+    let free_now = || {
+        let st = nix::sys::statvfs::statvfs(STATE).unwrap();
+        st.blocks_available() as u64 * st.fragment_size() as u64
+    };
+    let free = free_now();
+    let floor = (free - (300 << 20)).to_string();
+    let s = Service::start(
+        "svc-disk",
+        &[("PERFBOX_MIN_FREE_DISK_BYTES", floor.as_str())],
+    );
+    // Watch the lowest free space while the build runs.
+    let lowest = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(free));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (lowest, done) = (lowest.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                lowest.fetch_min(free_now(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let id = s.submit(&format!(
+        "FROM busybox\nRUN echo {marker}; dd if=/dev/zero of=/big bs=1M count=8000\nCMD true\n"
+    ));
+    let v = s.wait(id);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert_eq!(v["status"], "build_failed", "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(
+        err.starts_with("the build was stopped") && err.contains("bytes free"),
+        "{v}"
+    );
+    let used_at_worst = (free - lowest.load(std::sync::atomic::Ordering::Relaxed)) >> 20;
+    eprintln!("  stopped; at worst {used_at_worst} MB of the disk was used (floor at 300 MB)");
+    assert!(
+        used_at_worst < 4000,
+        "the build used {used_at_worst} MB before it was stopped"
+    );
+    // BuildKit drops the failed step's snapshot: the space comes back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while free_now() + (200 << 20) < free {
+        assert!(
+            Instant::now() < deadline,
+            "the disk space was not given back: {} MB still used",
+            (free - free_now()) >> 20
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 fn cli_client() -> Result<(), Failed> {
     let s = shared();
     let url = format!("http://127.0.0.1:{}", s.port);
@@ -539,6 +601,7 @@ fn main() {
         ),
         Trial::test("logs_follow_streams_until_the_job_ends", logs_follow),
         Trial::test("cli_submit_wait_status_spec_logs", cli_client),
+        Trial::test("build_disk_bomb_is_stopped", build_disk_bomb_is_stopped),
         Trial::test(
             "resubmission_reuses_the_cached_image",
             resubmission_reuses_the_cached_image,

@@ -19,7 +19,8 @@ use super::definition::{self, DefinitionError};
 use super::error::{self, BuildError};
 use super::export;
 use super::proto::control::{
-    ControlClient, Exporter, InfoRequest, ListWorkersRequest, SolveRequest, StatusRequest,
+    ControlClient, Exporter, InfoRequest, ListWorkersRequest, PruneRequest, SolveRequest,
+    StatusRequest,
 };
 use super::proto::gateway::{self, GatewayResult, LlbBridgeClient, ReturnRequest};
 use super::proto::{RpcStatus, pb};
@@ -203,6 +204,30 @@ impl BuildkitClient {
             channel,
             credentials: Arc::new(RegistryCredentials::new()),
         })
+    }
+
+    /// Ask the daemon to delete every build-cache record nothing uses (BuildKit's own prune),
+    /// e.g. the snapshot of a RUN step stopped for filling the disk. Returns the bytes freed.
+    pub async fn prune(&self) -> Result<u64, BuildError> {
+        let mut control = self.control();
+        let call = control.prune(PruneRequest {
+            all: true,
+            ..Default::default()
+        });
+        let mut stream = tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .map_err(|_| self.unavailable("no answer to Prune within 60 s"))?
+            .map_err(|s| self.call_error("Prune", &s))?
+            .into_inner();
+        let mut freed = 0u64;
+        while let Some(record) = stream
+            .message()
+            .await
+            .map_err(|s| self.call_error("Prune", &s))?
+        {
+            freed += u64::try_from(record.size).unwrap_or(0);
+        }
+        Ok(freed)
     }
 
     /// Use `credentials` when a registry asks the daemon to authenticate (default: anonymous).

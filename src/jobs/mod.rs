@@ -480,9 +480,27 @@ impl JobService {
                 None => false,
             })));
             let timeout = Duration::from_secs(cfg.build_timeout_secs);
-            let outcome =
-                tokio::time::timeout(timeout, self.inner.buildkit.build_image(req, log.clone()))
-                    .await;
+            // A RUN step can write until the disk is full: watch the free space where BuildKit
+            // and the image cache write, and stop the build before the host runs out.
+            let watched = self.disk_watch_paths();
+            if let Some(low) = low_disk(&watched, cfg.min_free_disk_bytes) {
+                let _ = std::fs::remove_dir_all(&staging);
+                return fail(JobStatus::BuildFailed, format!("not started: {low}"));
+            }
+            let build = self.inner.buildkit.build_image(req, log.clone());
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(timeout, build) => r,
+                low = disk_guard(watched, cfg.min_free_disk_bytes) => {
+                    let _ = std::fs::remove_dir_all(&staging);
+                    log.line(&format!("perfbox: build stopped: {low}"));
+                    // The stopped step's snapshot stays in BuildKit's cache: give the space back.
+                    match self.inner.buildkit.prune().await {
+                        Ok(freed) => log.line(&format!("perfbox: pruned {freed} bytes of unused BuildKit cache")),
+                        Err(e) => log.line(&format!("perfbox: could not prune BuildKit's cache: {e}")),
+                    }
+                    return fail(JobStatus::BuildFailed, format!("the build was stopped: {low}"));
+                }
+            };
             let built = match outcome {
                 Err(_) => {
                     let _ = std::fs::remove_dir_all(&staging);
@@ -616,6 +634,12 @@ impl JobService {
                 JobStatus::Cancelled,
                 Some("cancelled by request while running; the container was killed".into()),
             ),
+            (RunEnd::DataLimit { exceeded }, _) => (
+                JobStatus::RunFailed,
+                Some(format!(
+                    "the job wrote {exceeded}; it was killed and its /data removed"
+                )),
+            ),
             (RunEnd::TimedOut { after_secs }, _) => (
                 JobStatus::TimedOut,
                 Some(format!(
@@ -663,6 +687,43 @@ impl JobService {
         };
         patch.error = error;
         (status, patch)
+    }
+}
+
+impl JobService {
+    /// Filesystems a build fills: BuildKit's root (when local) and perfbox's state dir.
+    fn disk_watch_paths(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.inner.cfg.state_dir.clone()];
+        if let Some(root) = &self.inner.cfg.buildkit_root {
+            v.push(root.clone());
+        }
+        v
+    }
+}
+
+/// Free bytes for unprivileged users on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// The first watched filesystem with less than `min_free` bytes free, described.
+fn low_disk(paths: &[PathBuf], min_free: u64) -> Option<String> {
+    paths.iter().find_map(|p| {
+        let free = free_bytes(p)?;
+        (free < min_free).then(|| {
+            format!("the disk holding {} has {} bytes free, below the {} byte minimum (min_free_disk_bytes)", p.display(), free, min_free)
+        })
+    })
+}
+
+/// Resolves when a watched filesystem runs low (checked every 250 ms).
+async fn disk_guard(paths: Vec<PathBuf>, min_free: u64) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(low) = low_disk(&paths, min_free) {
+            return low;
+        }
     }
 }
 

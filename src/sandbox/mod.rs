@@ -136,6 +136,12 @@ pub enum RunEnd {
     },
     /// Killed because the job was cancelled.
     Cancelled,
+    /// Killed because it wrote more to /data than allowed (disk blocks or files); the output
+    /// was then removed so it cannot fill the host's disk.
+    DataLimit {
+        /// What was exceeded, for humans.
+        exceeded: String,
+    },
 }
 
 /// The result of one run.
@@ -356,26 +362,22 @@ impl Sandbox {
 
         // 5. Exit, timeout or cancellation.
         let timeout = Duration::from_secs(limits.timeout_secs);
+        // /data is a host directory: a watchdog bounds what the job may write there.
+        let watchdog = data_watchdog(out_dir.clone(), limits.data_bytes, limits.data_files);
         let end = tokio::select! {
-            status = child.wait() => Some(status),
-            _ = tokio::time::sleep(timeout) => None,
-            _ = req.cancel.cancelled() => None,
+            status = child.wait() => Ok(status),
+            _ = tokio::time::sleep(timeout) => Err(RunEnd::TimedOut { after_secs: limits.timeout_secs }),
+            _ = req.cancel.cancelled() => Err(RunEnd::Cancelled),
+            exceeded = watchdog => Err(RunEnd::DataLimit { exceeded }),
         };
         let end = match end {
-            Some(status) => {
+            Ok(status) => {
                 let status = status.map_err(io_err("cannot wait for runtime", &job_dir))?;
                 RunEnd::Exited {
                     code: exit_code(status),
                 }
             }
-            None => {
-                let end = if req.cancel.is_cancelled() {
-                    RunEnd::Cancelled
-                } else {
-                    RunEnd::TimedOut {
-                        after_secs: limits.timeout_secs,
-                    }
-                };
+            Err(end) => {
                 let _ = self.runtime.kill(&state_dir, req.container_id).await;
                 if tokio::time::timeout(Duration::from_secs(10), child.wait())
                     .await
@@ -383,6 +385,19 @@ impl Sandbox {
                 {
                     let _ = child.start_kill();
                     let _ = child.wait().await;
+                }
+                if matches!(end, RunEnd::DataLimit { .. }) {
+                    // Free the disk at once; the directory itself stays (empty) for the record.
+                    if let Ok(entries) = std::fs::read_dir(&out_dir) {
+                        for e in entries.flatten() {
+                            let p = e.path();
+                            let _ = if p.is_dir() && !p.is_symlink() {
+                                std::fs::remove_dir_all(&p)
+                            } else {
+                                std::fs::remove_file(&p)
+                            };
+                        }
+                    }
                 }
                 end
             }
@@ -418,6 +433,52 @@ impl Sandbox {
             log_tail,
         })
     }
+}
+
+/// Resolves when `dir` holds more than `max_bytes` of allocated disk blocks or more than
+/// `max_files` entries (checked every 200 ms; the walk stops as soon as a bound is passed, and
+/// never follows symlinks). Never resolves otherwise.
+async fn data_watchdog(dir: PathBuf, max_bytes: u64, max_files: u64) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let d = dir.clone();
+        let over = tokio::task::spawn_blocking(move || data_usage_over(&d, max_bytes, max_files))
+            .await
+            .ok()
+            .flatten();
+        if let Some(what) = over {
+            return what;
+        }
+    }
+}
+
+/// Walk `dir` (no symlinks followed) and say which bound it passes, if any.
+pub fn data_usage_over(dir: &Path, max_bytes: u64, max_files: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut files) = (0u64, 0u64);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            files += 1;
+            bytes += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            if bytes > max_bytes {
+                return Some(format!("more than {max_bytes} bytes of disk in /data"));
+            }
+            if files > max_files {
+                return Some(format!("more than {max_files} files in /data"));
+            }
+        }
+    }
+    None
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {

@@ -28,19 +28,26 @@ pub struct Limits {
     pub timeout_secs: u64,
     /// Bytes of stdout+stderr kept per run.
     pub log_bytes: u64,
+    /// Disk a job may fill in /data (allocated blocks); beyond it the job is killed.
+    pub data_bytes: u64,
+    /// Files and directories a job may create in /data.
+    pub data_files: u64,
 }
 
 impl Default for Limits {
     /// The values of `sandbox/policy.toml`. (Read key by key: deserializing `Limits` itself here
     /// would recurse, since `#[serde(default)]` calls this for partial tables.)
     fn default() -> Self {
-        let table: toml::Table = toml::from_str(DEFAULT_POLICY_TOML).expect("sandbox/policy.toml is valid (tested)");
+        let table: toml::Table =
+            toml::from_str(DEFAULT_POLICY_TOML).expect("sandbox/policy.toml is valid (tested)");
         let get = |k: &str| -> u64 {
             table
                 .get(k)
                 .and_then(toml::Value::as_integer)
                 .and_then(|v| u64::try_from(v).ok())
-                .unwrap_or_else(|| panic!("sandbox/policy.toml lacks a non-negative integer {k} (tested)"))
+                .unwrap_or_else(|| {
+                    panic!("sandbox/policy.toml lacks a non-negative integer {k} (tested)")
+                })
         };
         Self {
             memory_bytes: get("memory_bytes"),
@@ -52,6 +59,8 @@ impl Default for Limits {
             fsize_bytes: get("fsize_bytes"),
             timeout_secs: get("timeout_secs"),
             log_bytes: get("log_bytes"),
+            data_bytes: get("data_bytes"),
+            data_files: get("data_files"),
         }
     }
 }
@@ -107,6 +116,8 @@ pub struct AppliedLimits {
     pub timeout: Enforcement,
     /// Log size.
     pub log: Enforcement,
+    /// What the job may write to /data.
+    pub data: Enforcement,
 }
 
 #[cfg(test)]

@@ -229,6 +229,12 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
         log: Enforcement::Sandbox {
             value: format!("{} bytes of stdout+stderr kept", limits.log_bytes),
         },
+        data: Enforcement::Sandbox {
+            value: format!(
+                "/data watched every 200 ms: at most {} bytes of disk and {} files, then the container is killed",
+                limits.data_bytes, limits.data_files
+            ),
+        },
     };
 
     let no_caps = Capabilities::new();
