@@ -231,6 +231,105 @@ fn registry_is_read_only_and_serves_base_images() -> Result<(), Failed> {
     Ok(())
 }
 
+fn build_cgroup_file(controller: &str, file: &str) -> Option<String> {
+    let path = if cgroup_v2_host() {
+        format!("/sys/fs/cgroup/perfbox-build/{file}")
+    } else {
+        format!("/sys/fs/cgroup/{controller}/perfbox-build/{file}")
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn build_fork_bomb_is_contained() -> Result<(), Failed> {
+    let max: u64 = build_cgroup_file("pids", "pids.max")
+        .ok_or("no perfbox-build pids cgroup (scripts/setup)")?
+        .parse()?;
+    let dir = TestDir::new("smoke-forkbomb");
+    let tar = dir.path().join("out.tar");
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let df = format!(
+        "FROM busybox\nRUN echo {nonce}; bomb() {{ bomb | bomb & }}; bomb; sleep 4; echo done\n"
+    );
+    let started = std::time::Instant::now();
+    let handle = std::thread::spawn({
+        let (d, t) = (dir.path().to_path_buf(), tar.clone());
+        move || buildctl_build(&d, &df, &t)
+    });
+    // While the bomb runs, the host still forks, and the build cgroup stays at its limit.
+    let mut peak = 0u64;
+    while !handle.is_finished() {
+        assert!(
+            Command::new("true").status().unwrap().success(),
+            "the host cannot fork during a build fork bomb"
+        );
+        if let Some(n) = build_cgroup_file("pids", "pids.current").and_then(|v| v.parse().ok()) {
+            peak = peak.max(n);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = handle.join().unwrap();
+    eprintln!(
+        "  build cgroup peaked at {peak} tasks (pids.max {max}) in {:?}",
+        started.elapsed()
+    );
+    assert!(peak <= max);
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let after: u64 = build_cgroup_file("pids", "pids.current").unwrap().parse()?;
+    assert!(
+        after < 200,
+        "{after} tasks left in the build cgroup after the bomb"
+    );
+    Ok(())
+}
+
+fn build_memory_bomb_is_contained() -> Result<(), Failed> {
+    let limit: u64 = build_cgroup_file(
+        "memory",
+        if cgroup_v2_host() {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        },
+    )
+    .ok_or("no perfbox-build memory cgroup (scripts/setup)")?
+    .parse()?;
+    assert!(limit < 64 << 30, "build memory is not limited ({limit})");
+    let before = daemon_pids("buildkitd");
+    let dir = TestDir::new("smoke-membomb");
+    let tar = dir.path().join("out.tar");
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let df = format!(
+        "FROM busybox\nRUN echo {nonce}; awk 'BEGIN {{ s = \"xxxxxxxxxxxxxxxx\"; while (1) s = s s }}'\n"
+    );
+    let log = buildctl_build(dir.path(), &df, &tar)
+        .expect_err("a RUN past the build memory limit must fail");
+    assert!(
+        log.contains("exit code: 137") || log.contains("signal: killed") || log.contains("Killed"),
+        "{log}"
+    );
+    // The OOM killer took the RUN step, not the daemon.
+    assert_eq!(
+        daemon_pids("buildkitd"),
+        before,
+        "buildkitd was killed by the memory bomb"
+    );
+    Ok(())
+}
+
+fn daemon_pids(comm: &str) -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
 fn main() {
     require_setup();
     let args = Arguments::from_args();
@@ -243,6 +342,11 @@ fn main() {
         Trial::test(
             "registry_is_read_only_and_serves_base_images",
             registry_is_read_only_and_serves_base_images,
+        ),
+        Trial::test("build_fork_bomb_is_contained", build_fork_bomb_is_contained),
+        Trial::test(
+            "build_memory_bomb_is_contained",
+            build_memory_bomb_is_contained,
         ),
     ];
     for runtime in ["runc", "crun", "youki"] {
