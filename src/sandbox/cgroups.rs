@@ -293,10 +293,11 @@ pub fn prepare_delegated_v2_in(
         std::fs::metadata(root.join(rel.trim_start_matches('/')))
             .is_ok_and(|m| m.is_dir() && m.uid() == uid)
     };
-    if let Some(parent) = own.strip_suffix(&format!("/{SERVICE_LEAF}")) {
-        if !parent.is_empty() && owned(parent) {
-            own = parent.to_string();
-        }
+    if let Some(parent) = own.strip_suffix(&format!("/{SERVICE_LEAF}"))
+        && !parent.is_empty()
+        && owned(parent)
+    {
+        own = parent.to_string();
     }
     if own.is_empty() || !owned(&own) {
         return Ok(None);
