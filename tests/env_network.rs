@@ -29,10 +29,22 @@ const SLIRP_HOST: &str = "10.0.2.2";
 /// The address of rootlesskit's netns on slirp's network (the daemon netns).
 const DAEMON_NETNS_ADDR: &str = "10.0.2.100";
 
-fn buildctl_build(dir: &Path, dockerfile: &str, tar: &Path, extra: &[&str]) -> Result<String, String> {
+fn buildctl_build(
+    dir: &Path,
+    dockerfile: &str,
+    tar: &Path,
+    extra: &[&str],
+) -> Result<String, String> {
     std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
     let out = Command::new("buildctl")
-        .args(["--addr", &format!("unix://{NET_SOCKET}"), "build", "--progress=plain", "--frontend", "dockerfile.v0"])
+        .args([
+            "--addr",
+            &format!("unix://{NET_SOCKET}"),
+            "build",
+            "--progress=plain",
+            "--frontend",
+            "dockerfile.v0",
+        ])
         .arg("--local")
         .arg(format!("context={}", dir.display()))
         .arg("--local")
@@ -43,11 +55,18 @@ fn buildctl_build(dir: &Path, dockerfile: &str, tar: &Path, extra: &[&str]) -> R
         .output()
         .map_err(|e| format!("buildctl: {e}"))?;
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    if out.status.success() { Ok(log) } else { Err(log) }
+    if out.status.success() {
+        Ok(log)
+    } else {
+        Err(log)
+    }
 }
 
 fn nonce() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{}-{t}", std::process::id())
 }
 
@@ -67,9 +86,18 @@ impl Probe {
         if let Err(log) = &self.result {
             return Err(format!("the build on {NET_SOCKET} failed:\n{log}").into());
         }
-        let out = Command::new("tar").arg("-xOf").arg(&self.tar).arg(name).output().unwrap();
+        let out = Command::new("tar")
+            .arg("-xOf")
+            .arg(&self.tar)
+            .arg(name)
+            .output()
+            .unwrap();
         if !out.status.success() {
-            return Err(format!("{name} missing from the built image: {}", String::from_utf8_lossy(&out.stderr)).into());
+            return Err(format!(
+                "{name} missing from the built image: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -117,18 +145,27 @@ fn run_step_has_interface_and_default_route() -> Result<(), Failed> {
     let ifaces = p.file("probe/ifaces")?;
     let ifaces: Vec<&str> = ifaces.split_whitespace().collect();
     assert!(ifaces.contains(&"lo"), "no lo in the RUN step: {ifaces:?}");
-    assert!(ifaces.iter().any(|i| *i != "lo"), "the RUN step has only {ifaces:?}: no network");
+    assert!(
+        ifaces.iter().any(|i| *i != "lo"),
+        "the RUN step has only {ifaces:?}: no network"
+    );
     let route = p.file("probe/route")?;
     let default: Vec<&str> = route
         .lines()
         .skip(1)
         .filter(|l| l.split_whitespace().nth(1) == Some("00000000"))
         .collect();
-    assert!(!default.is_empty(), "no default route in the RUN step:\n{route}");
+    assert!(
+        !default.is_empty(),
+        "no default route in the RUN step:\n{route}"
+    );
     let dev = default[0].split_whitespace().next().unwrap();
     assert_ne!(dev, "lo", "the default route goes through lo:\n{route}");
     // Its own netns behind the bridge, not the daemon's netns (whose loopback has the relay).
-    assert!(!ifaces.contains(&"tap0"), "the RUN step shares the daemon's netns (tap0 visible): {ifaces:?}");
+    assert!(
+        !ifaces.contains(&"tap0"),
+        "the RUN step shares the daemon's netns (tap0 visible): {ifaces:?}"
+    );
     Ok(())
 }
 
@@ -137,30 +174,62 @@ fn run_step_has_interface_and_default_route() -> Result<(), Failed> {
 fn run_step_cannot_reach_host_loopback() -> Result<(), Failed> {
     let p = probe();
     // Control: the same probe does report "reached" for a listener in the RUN step's own netns.
-    assert_eq!(p.file("probe/control")?.trim(), "reached", "the probe cannot even reach its own loopback listener");
+    assert_eq!(
+        p.file("probe/control")?.trim(),
+        "reached",
+        "the probe cannot even reach its own loopback listener"
+    );
     for (file, what) in [
-        ("host_lo", format!("127.0.0.1:{} (a listener on the host's loopback)", p.port)),
-        ("slirp_host", format!("{SLIRP_HOST}:{} (slirp's alias of the host)", p.port)),
+        (
+            "host_lo",
+            format!("127.0.0.1:{} (a listener on the host's loopback)", p.port),
+        ),
+        (
+            "slirp_host",
+            format!("{SLIRP_HOST}:{} (slirp's alias of the host)", p.port),
+        ),
         ("registry", "127.0.0.1:5000 (the registry)".to_string()),
-        ("slirp_registry", format!("{SLIRP_HOST}:5000 (the registry through slirp)")),
-        ("daemon_netns_registry", format!("{DAEMON_NETNS_ADDR}:5000 (the daemon netns, where the registry relay is)")),
-        ("gateway_registry", "the default gateway :5000 (the bridge in the daemon netns)".to_string()),
+        (
+            "slirp_registry",
+            format!("{SLIRP_HOST}:5000 (the registry through slirp)"),
+        ),
+        (
+            "daemon_netns_registry",
+            format!("{DAEMON_NETNS_ADDR}:5000 (the daemon netns, where the registry relay is)"),
+        ),
+        (
+            "gateway_registry",
+            "the default gateway :5000 (the bridge in the daemon netns)".to_string(),
+        ),
     ] {
         let got = p.file(&format!("probe/{file}"))?;
         assert_eq!(got.trim(), "blocked", "a RUN step reached {what}");
     }
-    assert!(!p.listener_accepted, "the listener on the host's 127.0.0.1:{} accepted a connection", p.port);
+    assert!(
+        !p.listener_accepted,
+        "the listener on the host's 127.0.0.1:{} accepted a connection",
+        p.port
+    );
     Ok(())
 }
 
 /// (4) The daemon pulled `busybox` from the registry on the host's loopback and built on it.
 fn base_image_pull_works() -> Result<(), Failed> {
     let p = probe();
-    let log = p.result.as_ref().map_err(|l| format!("the build failed:\n{l}"))?;
-    assert!(log.contains("FROM docker.io/library/busybox"), "no busybox pull in the log:\n{log}");
+    let log = p
+        .result
+        .as_ref()
+        .map_err(|l| format!("the build failed:\n{l}"))?;
+    assert!(
+        log.contains("FROM docker.io/library/busybox"),
+        "no busybox pull in the log:\n{log}"
+    );
     let list = Command::new("tar").arg("-tf").arg(&p.tar).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
-    assert!(list.lines().any(|l| l == "bin/busybox"), "the image has no bin/busybox");
+    assert!(
+        list.lines().any(|l| l == "bin/busybox"),
+        "the image has no bin/busybox"
+    );
     Ok(())
 }
 
@@ -180,24 +249,44 @@ fn host_network_entitlement_is_refused() -> Result<(), Failed> {
 fn status_uids(pid: u32) -> Option<Vec<u32>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    Some(line.split_whitespace().skip(1).filter_map(|u| u.parse().ok()).collect())
+    Some(
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|u| u.parse().ok())
+            .collect(),
+    )
 }
 
 fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn ppid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// (3) buildkitd, rootlesskit, slirp4netns and the relays of the networked daemon run as perfbox.
 fn networked_daemon_runs_as_perfbox() -> Result<(), Failed> {
-    let perfbox = nix::unistd::User::from_name(PERFBOX_USER).unwrap().unwrap().uid.as_raw();
+    let perfbox = nix::unistd::User::from_name(PERFBOX_USER)
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
     // Everything whose command line names the daemon's state dir, config or relay socket (the
     // clients this test binary runs, buildctl as root, aside)...
-    let mut pids: Vec<u32> = processes_with("buildkit-net").into_iter().filter(|p| comm(*p) != "buildctl").collect();
+    let mut pids: Vec<u32> = processes_with("buildkit-net")
+        .into_iter()
+        .filter(|p| comm(*p) != "buildctl")
+        .collect();
     // ...and slirp4netns, whose command line does not: it is a child of that rootlesskit.
     let slirps: Vec<u32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -208,10 +297,15 @@ fn networked_daemon_runs_as_perfbox() -> Result<(), Failed> {
     pids.extend(&slirps);
     let comms: Vec<String> = pids.iter().map(|p| comm(*p)).collect();
     for want in ["buildkitd", "rootlesskit", "slirp4netns", "socat"] {
-        assert!(comms.iter().any(|c| c == want), "no {want} of buildkitd-net running (found {comms:?})");
+        assert!(
+            comms.iter().any(|c| c == want),
+            "no {want} of buildkitd-net running (found {comms:?})"
+        );
     }
     for pid in &pids {
-        let Some(uids) = status_uids(*pid) else { continue }; // exited meanwhile
+        let Some(uids) = status_uids(*pid) else {
+            continue;
+        }; // exited meanwhile
         assert!(
             uids.iter().all(|u| *u == perfbox),
             "{} (pid {pid}) of buildkitd-net runs with uids {uids:?}, not {PERFBOX_USER} ({perfbox})",
@@ -221,28 +315,55 @@ fn networked_daemon_runs_as_perfbox() -> Result<(), Failed> {
     for slirp in &slirps {
         let cmd = std::fs::read(format!("/proc/{slirp}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        assert!(cmd.contains("--disable-host-loopback"), "slirp4netns runs without --disable-host-loopback: {cmd}");
+        assert!(
+            cmd.contains("--disable-host-loopback"),
+            "slirp4netns runs without --disable-host-loopback: {cmd}"
+        );
     }
     Ok(())
 }
 
 fn daemon_answers() -> Result<(), String> {
     let out = Command::new("buildctl")
-        .args(["--addr", &format!("unix://{NET_SOCKET}"), "debug", "workers"])
+        .args([
+            "--addr",
+            &format!("unix://{NET_SOCKET}"),
+            "debug",
+            "workers",
+        ])
         .output()
         .map_err(|e| format!("buildctl: {e}"))?;
-    if out.status.success() { Ok(()) } else { Err(first_error_line(&String::from_utf8_lossy(&out.stderr))) }
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(first_error_line(&String::from_utf8_lossy(&out.stderr)))
+    }
 }
+
+/// One check of this file.
+type Check = fn() -> Result<(), Failed>;
 
 fn main() {
     require_setup();
     let args = Arguments::from_args();
-    let tests: [(&str, fn() -> Result<(), Failed>); 5] = [
-        ("run_step_has_interface_and_default_route", run_step_has_interface_and_default_route),
-        ("run_step_cannot_reach_host_loopback", run_step_cannot_reach_host_loopback),
-        ("networked_daemon_runs_as_perfbox", networked_daemon_runs_as_perfbox),
+    let tests: [(&str, Check); 5] = [
+        (
+            "run_step_has_interface_and_default_route",
+            run_step_has_interface_and_default_route,
+        ),
+        (
+            "run_step_cannot_reach_host_loopback",
+            run_step_cannot_reach_host_loopback,
+        ),
+        (
+            "networked_daemon_runs_as_perfbox",
+            networked_daemon_runs_as_perfbox,
+        ),
         ("base_image_pull_works", base_image_pull_works),
-        ("host_network_entitlement_is_refused", host_network_entitlement_is_refused),
+        (
+            "host_network_entitlement_is_refused",
+            host_network_entitlement_is_refused,
+        ),
     ];
     let trials: Vec<Trial> = match (daemon_answers(), std::fs::read_to_string(UNAVAILABLE)) {
         (Ok(()), _) => tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect(),

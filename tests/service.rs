@@ -99,6 +99,7 @@ fn twenty_jobs_at_once() -> Result<(), Failed> {
 }
 
 fn failure_statuses() -> Result<(), Failed> {
+    let _disk = DISK_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     let s = shared();
     let cases = [
         (
@@ -159,7 +160,8 @@ fn failure_statuses() -> Result<(), Failed> {
 }
 
 fn bad_requests() -> Result<(), Failed> {
-    let s = shared();
+    // Its own service: other tests submit to the shared one concurrently, and this one counts jobs.
+    let s = &Service::start("svc-bad", &[]);
     let before = s.total_jobs();
     let dir = s.dir.path();
     std::fs::write(dir.join("empty"), "").unwrap();
@@ -465,7 +467,11 @@ fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The disk tests measure free space: they must not overlap each other.
+static DISK_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn build_disk_bomb_is_stopped() -> Result<(), Failed> {
+    let _disk = DISK_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     // A service whose free-disk floor sits 300 MB below what is free now: a RUN step writing
     // 8 GB must be stopped long before the disk fills, and its space given back.
     let free_now = || {

@@ -197,6 +197,22 @@ impl CgroupHost {
         }
     }
 
+    /// OOM kills recorded in the parent of the job cgroups (hierarchical on v2: it counts every
+    /// job's), for runtimes that delete a job's cgroup before perfbox can read it.
+    pub fn parent_oom_kills(&self) -> Option<u64> {
+        let file = match self {
+            CgroupHost::V2 { parent, .. } => Path::new(CGROUP_ROOT)
+                .join(parent.trim_start_matches('/'))
+                .join("memory.events"),
+            _ => return None,
+        };
+        let text = std::fs::read_to_string(file).ok()?;
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == "oom_kill").then(|| v.trim().parse().ok()).flatten()
+        })
+    }
+
     /// Number of OOM kills recorded in a container's memory cgroup (it must still exist).
     pub fn oom_kills(&self, container_id: &str) -> Option<u64> {
         let (file, key): (PathBuf, &str) = match self {

@@ -350,6 +350,7 @@ impl Sandbox {
         let log = std::fs::File::create(&log_path).map_err(io_err("cannot create", &log_path))?;
         let started = Instant::now();
         let mut guard = ContainerGuard::new(&self.runtime, &state_dir, req.container_id);
+        let parent_ooms_before = self.cgroups.parent_oom_kills();
         let mut child = self
             .runtime
             .spawn_run(&state_dir, &job_dir, req.container_id)?;
@@ -407,12 +408,22 @@ impl Sandbox {
 
         // 6. OOM evidence while the cgroup exists, then delete on every path.
         let counted = self.cgroups.oom_kills(req.container_id);
-        let sigkilled = matches!(end, RunEnd::Exited { code: 137 });
-        let oom_killed = match counted {
-            Some(n) => n > 0,
-            // No counter to read (crun deletes the cgroup at exit): SIGKILL that we did not send,
-            // under an enforced memory limit.
-            None => sigkilled && self.cgroups.has(Controller::Memory),
+        // youki's `run` reports a container killed by signal N as exit code N, not 128+N.
+        let youki_sigkill =
+            self.runtime.kind == RuntimeKind::Youki && matches!(end, RunEnd::Exited { code: 9 });
+        let sigkilled = matches!(end, RunEnd::Exited { code: 137 }) || youki_sigkill;
+        let parent_ooms_after = self.cgroups.parent_oom_kills();
+        let oom_killed = match (counted, parent_ooms_before, parent_ooms_after) {
+            (Some(n), _, _) => n > 0,
+            // The job's cgroup is gone (crun and youki delete it at exit): a SIGKILL we did not
+            // send while the parent's OOM counter moved (v2), or under an enforced memory limit.
+            (None, Some(before), Some(after)) => sigkilled && after > before,
+            (None, _, _) => sigkilled && self.cgroups.has(Controller::Memory),
+        };
+        let end = if youki_sigkill && oom_killed {
+            RunEnd::Exited { code: 137 }
+        } else {
+            end
         };
         guard.cleanup().await;
 

@@ -168,7 +168,7 @@ impl Service {
         let (code, body) = self
             .try_curl(args)
             .unwrap_or_else(|e| panic!("curl {args:?}: {e}"));
-        let v = serde_json::from_str(&body).unwrap_or_else(|_| Value::String(body));
+        let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
         (code, v)
     }
 
