@@ -58,7 +58,7 @@ fn built_rootfs() -> &'static Path {
         run_ok(Command::new("chown").arg(PERFBOX_USER).arg(&rootfs));
         run_ok(Command::new("chmod").arg("644").arg(&tar));
         run_ok(&mut as_perfbox(&["tar", "-C", &rootfs.to_string_lossy(), "-xf", &tar.to_string_lossy()]));
-        std::mem::forget(dir); // removed with the rootfs at the end
+        let _ = std::fs::rename(dir.path(), rootfs.with_extension("build")); // removed at the end
         rootfs
     })
 }
@@ -379,6 +379,7 @@ fn main() {
     let rootfs = Path::new(STATE)
         .join("test")
         .join(format!("smoke-rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(rootfs.with_extension("build"));
     let _ = std::fs::remove_dir_all(rootfs);
     conclusion.exit();
 }

@@ -43,7 +43,7 @@ impl Service {
             .unwrap();
         assert!(st.success());
         let mut s = Service {
-            binary,
+            binary: reachable_copy(&binary),
             child: None,
             port: free_port(),
             dir,
@@ -241,6 +241,34 @@ impl Drop for Service {
 /// Every service started, so main can stop the shared one (statics are never dropped).
 pub static SPAWNED: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 
+/// The binary as the perfbox user can execute it: the checkout may sit under a directory that
+/// user cannot enter (e.g. /root), so it runs from a copy under perfbox's state dir (one copy
+/// per test process, removed by [`stop_all`]).
+fn reachable_copy(binary: &std::path::Path) -> PathBuf {
+    static COPIES: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+    let mut copies = COPIES.lock().unwrap();
+    if let Some((_, copy)) = copies.iter().find(|(b, _)| b == binary) {
+        return copy.clone();
+    }
+    let dir = std::path::Path::new(super::STATE)
+        .join("test")
+        .join(format!("bin-{}-{}", std::process::id(), copies.len()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("perfbox");
+    std::fs::copy(binary, &copy).unwrap();
+    Command::new("chmod")
+        .args(["0755"])
+        .arg(&dir)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    copies.push((binary.to_path_buf(), copy.clone()));
+    BIN_DIRS.lock().unwrap().push(dir);
+    copy
+}
+
+static BIN_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
 pub fn stop_all() {
     for (pid, dir) in SPAWNED.lock().unwrap().drain(..) {
         let _ = nix::sys::signal::kill(
@@ -248,6 +276,9 @@ pub fn stop_all() {
             nix::sys::signal::Signal::SIGTERM,
         );
         std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    for dir in BIN_DIRS.lock().unwrap().drain(..) {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
