@@ -6,7 +6,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -16,24 +16,6 @@ use perfbox::sandbox::{RunEnd, RunRequest, Sandbox, SandboxConfig};
 use tokio_util::sync::CancellationToken;
 
 const SCRIPT: &str = r#"echo '{"perf":0.9876}' > /data/perf.json"#;
-
-fn as_perfbox(argv: &[&str]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid",
-        PERFBOX_USER,
-        "--regid",
-        PERFBOX_USER,
-        "--init-groups",
-        "--",
-    ])
-    .args(argv);
-    c.env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    c
-}
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();

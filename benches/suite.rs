@@ -40,24 +40,6 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn as_perfbox(argv: &[&str]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid",
-        PERFBOX_USER,
-        "--regid",
-        PERFBOX_USER,
-        "--init-groups",
-        "--",
-    ])
-    .args(argv);
-    c.env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    c
-}
-
 fn job_dockerfile(nonce: &str, perf: &str) -> String {
     format!(
         "FROM busybox\nRUN echo {nonce} > /nonce\nCMD echo '{{\"perf\": {perf}}}' > /data/perf.json\n"

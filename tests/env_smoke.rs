@@ -63,21 +63,6 @@ fn built_rootfs() -> &'static Path {
     })
 }
 
-fn as_perfbox(argv: &[&str]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid",
-        PERFBOX_USER,
-        "--regid",
-        PERFBOX_USER,
-        "--init-groups",
-        "--",
-    ])
-    .args(argv);
-    c.env("XDG_RUNTIME_DIR", "/tmp").env_remove("NOTIFY_SOCKET");
-    c
-}
-
 fn run_ok(c: &mut Command) -> String {
     let out = c.output().unwrap();
     assert!(

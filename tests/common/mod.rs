@@ -169,3 +169,22 @@ pub fn first_error_line(text: &str) -> String {
         .trim()
         .to_string()
 }
+
+/// `argv` run as the unprivileged perfbox user (setpriv), with stdin from /dev/null, its own
+/// XDG_RUNTIME_DIR and no NOTIFY_SOCKET.
+pub fn as_perfbox(argv: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        PERFBOX_USER,
+        "--regid",
+        PERFBOX_USER,
+        "--init-groups",
+        "--",
+    ])
+    .args(argv)
+    .env("XDG_RUNTIME_DIR", "/tmp")
+    .env_remove("NOTIFY_SOCKET")
+    .stdin(std::process::Stdio::null());
+    c
+}
