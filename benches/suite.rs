@@ -55,28 +55,17 @@ fn raw_floor(work: &Path, dockerfile: &str, template: &serde_json::Value) -> f64
         .arg(&dir)
         .status()
         .unwrap();
-    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
     let t = Instant::now();
-    let ok = Command::new("buildctl")
-        .args([
-            "--addr",
-            &format!("unix://{BUILDKIT_SOCKET}"),
-            "build",
-            "--frontend",
-            "dockerfile.v0",
-        ])
-        .arg("--local")
-        .arg(format!("context={}", dir.display()))
-        .arg("--local")
-        .arg(format!("dockerfile={}", dir.display()))
-        .args(["--opt", "force-network-mode=none", "--output"])
-        .arg(format!("type=tar,dest={}/image.tar", dir.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "buildctl build failed");
+    let tar = dir.join("image.tar");
+    if let Err(log) = buildctl_build(
+        BUILDKIT_SOCKET,
+        &dir,
+        dockerfile,
+        &tar,
+        &["--opt", "force-network-mode=none"],
+    ) {
+        panic!("buildctl build failed:\n{log}");
+    }
     let rootfs = dir.join("rootfs");
     assert!(
         as_perfbox(&[

@@ -615,6 +615,21 @@ fn wait_healthy(rt: &tokio::runtime::Runtime, client: &BuildkitClient) -> Durati
     t.elapsed()
 }
 
+/// Drive `build` until a process whose command line is `marker` exists: its RUN step started.
+async fn until_running<F>(build: &mut std::pin::Pin<&mut F>, marker: &str)
+where
+    F: std::future::Future<Output = Result<perfbox::buildkit::BuiltImage, BuildError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processes_with(marker).is_empty() {
+        tokio::select! {
+            r = &mut *build => panic!("build ended early: {r:?}"),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        assert!(Instant::now() < deadline, "RUN never started");
+    }
+}
+
 fn daemon_restart_same_client() -> Result<(), Failed> {
     let rt = runtime();
     let client = require_daemon(&rt);
@@ -627,14 +642,7 @@ fn daemon_restart_same_client() -> Result<(), Failed> {
     let lost = rt.block_on(async {
         let build = client.build(req, MemoryLog::new());
         tokio::pin!(build);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while processes_with("sleep 59").is_empty() {
-            tokio::select! {
-                r = &mut build => panic!("build ended early: {r:?}"),
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            assert!(Instant::now() < deadline, "RUN never started");
-        }
+        until_running(&mut build, "sleep 59").await;
         let stop = tokio::task::spawn_blocking(|| services("stop"));
         let r = tokio::time::timeout(Duration::from_secs(15), &mut build).await;
         let _ = stop.await;
@@ -712,14 +720,7 @@ fn daemon_crash_supervisor_restarts() -> Result<(), Failed> {
     let lost = rt.block_on(async {
         let build = client.build(req, MemoryLog::new());
         tokio::pin!(build);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while processes_with("sleep 58").is_empty() {
-            tokio::select! {
-                r = &mut build => panic!("build ended early: {r:?}"),
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            assert!(Instant::now() < deadline, "RUN never started");
-        }
+        until_running(&mut build, "sleep 58").await;
         let pids = main_buildkitd_pids();
         assert_eq!(pids.len(), 1, "expected one main buildkitd, found {pids:?}");
         nix::sys::signal::kill(

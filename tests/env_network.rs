@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -28,39 +28,6 @@ const UNAVAILABLE: &str = "/var/lib/perfbox/buildkit-net/unavailable";
 const SLIRP_HOST: &str = "10.0.2.2";
 /// The address of rootlesskit's netns on slirp's network (the daemon netns).
 const DAEMON_NETNS_ADDR: &str = "10.0.2.100";
-
-fn buildctl_build(
-    dir: &Path,
-    dockerfile: &str,
-    tar: &Path,
-    extra: &[&str],
-) -> Result<String, String> {
-    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
-    let out = Command::new("buildctl")
-        .args([
-            "--addr",
-            &format!("unix://{NET_SOCKET}"),
-            "build",
-            "--progress=plain",
-            "--frontend",
-            "dockerfile.v0",
-        ])
-        .arg("--local")
-        .arg(format!("context={}", dir.display()))
-        .arg("--local")
-        .arg(format!("dockerfile={}", dir.display()))
-        .args(extra)
-        .arg("--output")
-        .arg(format!("type=tar,dest={}", tar.display()))
-        .output()
-        .map_err(|e| format!("buildctl: {e}"))?;
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    if out.status.success() {
-        Ok(log)
-    } else {
-        Err(log)
-    }
-}
 
 fn nonce() -> String {
     let t = std::time::SystemTime::now()
@@ -133,7 +100,7 @@ fn probe() -> &'static Probe {
             slirp_registry = try_(SLIRP_HOST, 5000, "slirp_registry"),
             daemon_netns = try_(DAEMON_NETNS_ADDR, 5000, "daemon_netns_registry"),
         );
-        let result = buildctl_build(dir.path(), &df, &tar, &[]);
+        let result = buildctl_build(NET_SOCKET, dir.path(), &df, &tar, &[]);
         let listener_accepted = listener.accept().is_ok();
         Probe { result, tar, listener_accepted, port, _dir: dir }
     })
@@ -239,7 +206,13 @@ fn host_network_entitlement_is_refused() -> Result<(), Failed> {
     let dir = TestDir::new("net-host");
     let tar = dir.path().join("host.tar");
     let df = format!("FROM busybox\nRUN --network=host echo {}\n", nonce());
-    match buildctl_build(dir.path(), &df, &tar, &["--allow", "network.host"]) {
+    match buildctl_build(
+        NET_SOCKET,
+        dir.path(),
+        &df,
+        &tar,
+        &["--allow", "network.host"],
+    ) {
         Ok(log) => Err(format!("RUN --network=host was allowed:\n{log}").into()),
         Err(log) if log.contains("network.host is not allowed") => Ok(()),
         Err(log) => Err(format!("refused, but not for the entitlement:\n{log}").into()),

@@ -14,31 +14,15 @@ use std::sync::OnceLock;
 use common::*;
 use libtest_mimic::{Arguments, Failed, Trial};
 
-fn buildctl_build(dir: &Path, dockerfile: &str, tar: &Path) -> Result<String, String> {
-    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
-    let out = Command::new("buildctl")
-        .args([
-            "--addr",
-            &format!("unix://{BUILDKIT_SOCKET}"),
-            "build",
-            "--progress=plain",
-            "--frontend",
-            "dockerfile.v0",
-        ])
-        .arg("--local")
-        .arg(format!("context={}", dir.display()))
-        .arg("--local")
-        .arg(format!("dockerfile={}", dir.display()))
-        .args(["--opt", "force-network-mode=none", "--output"])
-        .arg(format!("type=tar,dest={}", tar.display()))
-        .output()
-        .map_err(|e| format!("buildctl: {e}"))?;
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    if out.status.success() {
-        Ok(log)
-    } else {
-        Err(log)
-    }
+/// Build on the main daemon with no network for RUN steps, as perfbox does.
+fn build_no_net(dir: &Path, dockerfile: &str, tar: &Path) -> Result<String, String> {
+    buildctl_build(
+        BUILDKIT_SOCKET,
+        dir,
+        dockerfile,
+        tar,
+        &["--opt", "force-network-mode=none"],
+    )
 }
 
 /// A bundle: the image built once (FROM busybox + RUN + CMD), unpacked as perfbox.
@@ -47,7 +31,7 @@ fn built_rootfs() -> &'static Path {
     ROOTFS.get_or_init(|| {
         let dir = TestDir::new("smoke-image");
         let tar = dir.path().join("image.tar");
-        buildctl_build(
+        build_no_net(
             dir.path(),
             "FROM busybox\nRUN echo built-by-buildkit > /built\nCMD [\"sh\", \"-c\", \"cat /built > /data/out.txt\"]\n",
             &tar,
@@ -168,7 +152,7 @@ fn build_run_cannot_reach_host_loopback() -> Result<(), Failed> {
         "FROM busybox\nRUN echo {nonce}; (nc -w 2 127.0.0.1 {port} </dev/null && echo reached || echo blocked) > /net; \
          (nc -w 2 127.0.0.1 5000 </dev/null && echo reached || echo blocked) > /registry; awk 'NR>2 {{ sub(\":\", \"\", $1); print $1 }}' /proc/net/dev > /ifaces\n"
     );
-    buildctl_build(dir.path(), &df, &tar).map_err(|l| format!("build failed:\n{l}"))?;
+    build_no_net(dir.path(), &df, &tar).map_err(|l| format!("build failed:\n{l}"))?;
     let read = |name: &str| run_ok(Command::new("tar").args(["-xOf"]).arg(&tar).arg(name));
     assert_eq!(read("net").trim(), "blocked");
     assert_eq!(read("registry").trim(), "blocked");
@@ -240,7 +224,7 @@ fn build_fork_bomb_is_contained() -> Result<(), Failed> {
     let started = std::time::Instant::now();
     let handle = std::thread::spawn({
         let (d, t) = (dir.path().to_path_buf(), tar.clone());
-        move || buildctl_build(&d, &df, &t)
+        move || build_no_net(&d, &df, &t)
     });
     // While the bomb runs, the host still forks, and the build cgroup stays at its limit.
     let mut peak = 0u64;
@@ -289,7 +273,7 @@ fn build_memory_bomb_is_contained() -> Result<(), Failed> {
     let df = format!(
         "FROM busybox\nRUN echo {nonce}; awk 'BEGIN {{ s = \"xxxxxxxxxxxxxxxx\"; while (1) s = s s }}'\n"
     );
-    let log = buildctl_build(dir.path(), &df, &tar)
+    let log = build_no_net(dir.path(), &df, &tar)
         .expect_err("a RUN past the build memory limit must fail");
     assert!(
         log.contains("exit code: 137") || log.contains("signal: killed") || log.contains("Killed"),
@@ -342,11 +326,6 @@ fn main() {
         if runtime != "runc" && !cgroup_v2_host() {
             // A cgroup v1 hybrid host: try once, and report a refusal as a skip with its reason.
             if let Err(reason) = run_built_image(runtime) {
-                let reason: String = reason
-                    .chars()
-                    .filter(|c| *c != '[' && *c != ']')
-                    .take(200)
-                    .collect();
                 trials.push(skipped(
                     &name,
                     &format!("cgroup v1 hybrid host, {runtime} refuses it: {reason}"),

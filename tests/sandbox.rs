@@ -137,11 +137,6 @@ fn tests() -> Vec<Trial> {
             && !cgroup_v2_host()
             && let Err(reason) = probe(kind)
         {
-            let reason: String = reason
-                .chars()
-                .filter(|c| *c != '[' && *c != ']')
-                .take(200)
-                .collect();
             trials.push(skipped(
                 &name,
                 &format!("cgroup v1 hybrid host, {kind} refuses it: {reason}"),

@@ -143,7 +143,14 @@ pub fn cgroup_v2_host() -> bool {
 }
 
 /// A trial that is ignored, with the reason in its name (libtest prints it as "ignored").
+/// The reason is kept to one readable line: brackets (they would end the marker) are dropped
+/// and it is cut at 240 characters.
 pub fn skipped(name: &str, reason: &str) -> libtest_mimic::Trial {
+    let reason: String = reason
+        .chars()
+        .filter(|c| *c != '[' && *c != ']')
+        .take(240)
+        .collect();
     libtest_mimic::Trial::test(format!("{name} [SKIPPED: {reason}]"), || Ok(()))
         .with_ignored_flag(true)
 }
@@ -187,4 +194,39 @@ pub fn as_perfbox(argv: &[&str]) -> Command {
     .env_remove("NOTIFY_SOCKET")
     .stdin(std::process::Stdio::null());
     c
+}
+
+/// `buildctl build` of `dockerfile` (written into `dir`, which is also the context) on the daemon
+/// at `socket`, with `opts` before the tar output to `tar`. Ok(progress log) or Err(progress log).
+pub fn buildctl_build(
+    socket: &str,
+    dir: &Path,
+    dockerfile: &str,
+    tar: &Path,
+    opts: &[&str],
+) -> Result<String, String> {
+    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+    let out = Command::new("buildctl")
+        .args([
+            "--addr",
+            &format!("unix://{socket}"),
+            "build",
+            "--progress=plain",
+        ])
+        .args(["--frontend", "dockerfile.v0"])
+        .arg("--local")
+        .arg(format!("context={}", dir.display()))
+        .arg("--local")
+        .arg(format!("dockerfile={}", dir.display()))
+        .args(opts)
+        .arg("--output")
+        .arg(format!("type=tar,dest={}", tar.display()))
+        .output()
+        .map_err(|e| format!("buildctl: {e}"))?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        Ok(log)
+    } else {
+        Err(log)
+    }
 }
