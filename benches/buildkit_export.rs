@@ -10,7 +10,13 @@ use std::time::{Duration, Instant};
 
 use perfbox::buildkit::{BuildRequest, BuildkitClient, NullLog};
 
-const SOCKET: &str = "/run/perfbox/buildkit/buildkitd.sock";
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+/// The rootless buildkitd of the setup under test.
+fn socket() -> String {
+    common::buildkit_socket()
+}
 const RUNS: usize = 7;
 
 struct Case {
@@ -47,7 +53,7 @@ fn buildctl_once(context: &Path, work: &Path) -> Duration {
     let st = Command::new("buildctl")
         .args([
             "--addr",
-            &format!("unix://{SOCKET}"),
+            &format!("unix://{}", socket()),
             "build",
             "--frontend",
             "dockerfile.v0",
@@ -107,7 +113,7 @@ fn main() {
         .build()
         .expect("runtime");
     let client = rt
-        .block_on(BuildkitClient::connect(&format!("unix://{SOCKET}")))
+        .block_on(BuildkitClient::connect(&format!("unix://{}", socket())))
         .expect("client");
     let info = rt
         .block_on(client.health())
@@ -126,7 +132,10 @@ fn main() {
 
         let ours_once = |i: usize, tag: &str| {
             let dir = scratch.path().join(format!("ours-{tag}-{i}"));
-            let req = BuildRequest::new(case.dockerfile.as_bytes().to_vec(), dir.join("rootfs"));
+            let mut req =
+                BuildRequest::new(case.dockerfile.as_bytes().to_vec(), dir.join("rootfs"));
+            req.source_policy =
+                perfbox::buildkit::SourcePolicy::new(&[common::registry()]).expect("registry");
             let t = Instant::now();
             let img = rt.block_on(client.build(req, NullLog)).expect("build");
             let elapsed = t.elapsed();

@@ -33,7 +33,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sandbox = Sandbox::new(SandboxConfig {
         runtime: RuntimeKind::Runc,
-        runtime_user: Some(PERFBOX_USER.into()),
+        runtime_user: Some(user().into()),
         ..Default::default()
     })
     .unwrap();
@@ -45,14 +45,14 @@ fn main() {
     // The hand-made bundle: runc's own rootless template, the same command, /data bound.
     let raw = TestDir::new("bench-raw");
     Command::new("chown")
-        .arg(PERFBOX_USER)
+        .arg(user())
         .arg(raw.path())
         .status()
         .unwrap();
     let data = raw.path().join("data");
     std::fs::create_dir(&data).unwrap();
     Command::new("chown")
-        .arg(PERFBOX_USER)
+        .arg(user())
         .arg(&data)
         .status()
         .unwrap();

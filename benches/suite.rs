@@ -51,14 +51,14 @@ fn raw_floor(work: &Path, dockerfile: &str, template: &serde_json::Value) -> f64
     let dir = work.join(format!("floor-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     Command::new("chown")
-        .arg(PERFBOX_USER)
+        .arg(user())
         .arg(&dir)
         .status()
         .unwrap();
     let t = Instant::now();
     let tar = dir.join("image.tar");
     if let Err(log) = buildctl_build(
-        BUILDKIT_SOCKET,
+        &buildkit_socket(),
         &dir,
         dockerfile,
         &tar,
@@ -84,7 +84,7 @@ fn raw_floor(work: &Path, dockerfile: &str, template: &serde_json::Value) -> f64
     let data = dir.join("data");
     std::fs::create_dir(&data).unwrap();
     Command::new("chown")
-        .arg(PERFBOX_USER)
+        .arg(user())
         .arg(&data)
         .status()
         .unwrap();
@@ -118,11 +118,7 @@ fn raw_floor(work: &Path, dockerfile: &str, template: &serde_json::Value) -> f64
 fn runc_template(work: &Path) -> serde_json::Value {
     let d = work.join("template");
     std::fs::create_dir_all(&d).unwrap();
-    Command::new("chown")
-        .arg(PERFBOX_USER)
-        .arg(&d)
-        .status()
-        .unwrap();
+    Command::new("chown").arg(user()).arg(&d).status().unwrap();
     assert!(
         as_perfbox(&[
             "sh",
@@ -406,13 +402,16 @@ fn main() {
     );
     let (ours, bytes) = rt.block_on(async {
         let client =
-            perfbox::buildkit::BuildkitClient::connect(&format!("unix://{BUILDKIT_SOCKET}"))
+            perfbox::buildkit::BuildkitClient::connect(&format!("unix://{}", buildkit_socket()))
                 .await
                 .unwrap();
         let mut best = (f64::MAX, 0u64);
         for i in 0..3 {
             let dst = work.path().join(format!("export-{i}"));
-            let req = perfbox::buildkit::BuildRequest::new(big.clone().into_bytes(), dst.clone());
+            let mut req =
+                perfbox::buildkit::BuildRequest::new(big.clone().into_bytes(), dst.clone());
+            req.source_policy =
+                perfbox::buildkit::SourcePolicy::new(&[registry()]).expect("registry");
             let t = Instant::now();
             let built = client.build(req, perfbox::buildkit::NullLog).await.unwrap();
             let s = t.elapsed().as_secs_f64();
@@ -430,8 +429,9 @@ fn main() {
         std::fs::write(dir.join("Dockerfile"), &big).unwrap();
         let t = Instant::now();
         assert!(Command::new("sh").arg("-c").arg(format!(
-            "buildctl --addr unix://{BUILDKIT_SOCKET} build --frontend dockerfile.v0 --local context={0} --local dockerfile={0} --opt force-network-mode=none --output type=tar,dest=- | (mkdir -p {0}/rootfs && tar -C {0}/rootfs -xf -)",
-            dir.display()
+            "buildctl --addr unix://{1} build --frontend dockerfile.v0 --local context={0} --local dockerfile={0} --opt force-network-mode=none --output type=tar,dest=- | (mkdir -p {0}/rootfs && tar -C {0}/rootfs -xf -)",
+            dir.display(),
+            buildkit_socket()
         )).stderr(Stdio::null()).status().unwrap().success());
         floor_export = floor_export.min(t.elapsed().as_secs_f64());
         let _ = std::fs::remove_dir_all(&dir);

@@ -34,6 +34,59 @@ pub enum BuildNetworkSetting {
     Isolated,
 }
 
+/// Whose build cache a build may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Its own only: cache mounts and RUN results never cross jobs (the default).
+    #[default]
+    Job,
+    /// Those of jobs submitted with the same token (or, without tokens, from the same client
+    /// address), never wider.
+    Owner,
+}
+
+/// How builds are kept apart from each other and from the host (`[build]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildIsolation {
+    /// Registries images may come from (`host:port`); an image named without one comes from the
+    /// first. Must match the daemon's mirror (sandbox/buildkitd.toml.in).
+    pub registries: Vec<String>,
+    /// Remote sources (`http://`, `https://`, `git://` patterns with a literal host) a Dockerfile
+    /// may fetch; empty by default. Loopback, link-local, metadata and host addresses are refused.
+    pub allowed_remote_sources: Vec<String>,
+    /// Whose cache a build may use.
+    pub cache_scope: CacheScope,
+    /// The cgroup (inside the hierarchy) under which each build's RUN steps get a cgroup of their
+    /// own with the limits below; prepared by setup (a local daemon only). Empty: none.
+    pub cgroup_parent: String,
+    /// Memory limit of one build's RUN steps (cgroup).
+    pub memory_bytes: u64,
+    /// Process limit of one build's RUN steps (cgroup pids.max).
+    pub pids: u64,
+    /// Largest image a build may export (apparent size): the export stops and the job fails
+    /// past it.
+    pub max_image_bytes: u64,
+    /// Build slots one owner (token, or client address without tokens) may hold at once.
+    pub max_builds_per_owner: usize,
+}
+
+impl Default for BuildIsolation {
+    fn default() -> Self {
+        Self {
+            registries: vec![crate::buildkit::policy::DEFAULT_REGISTRY.into()],
+            allowed_remote_sources: vec![],
+            cache_scope: CacheScope::Job,
+            cgroup_parent: "/perfbox-build/runs".into(),
+            memory_bytes: 2 << 30,
+            pids: 512,
+            max_image_bytes: 8 << 30,
+            max_builds_per_owner: 1,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -73,6 +126,8 @@ pub struct Config {
     pub min_free_disk_bytes: u64,
     /// BuildKit's root directory, when the daemon is local (watched for free space).
     pub buildkit_root: Option<PathBuf>,
+    /// Build isolation.
+    pub build: BuildIsolation,
     /// Sandbox limits for each run.
     pub limits: Limits,
     /// API tokens; empty = no authentication.
@@ -93,12 +148,13 @@ impl Default for Config {
             cgroup_parent: None,
             max_concurrent_builds: 2,
             max_concurrent_runs: 4,
-            build_timeout_secs: 600,
+            build_timeout_secs: 300,
             max_dockerfile_bytes: 1 << 20,
             max_queued_jobs: 10_000,
             image_cache_bytes: 10 << 30,
             min_free_disk_bytes: 2 << 30,
             buildkit_root: Some("/var/lib/perfbox/buildkit/root".into()),
+            build: BuildIsolation::default(),
             limits: Limits::default(),
             tokens: vec![],
         }
@@ -189,6 +245,40 @@ impl Config {
         if let Some(v) = get("PERFBOX_RUNTIME_USER") {
             self.runtime_user = Some(v);
         }
+        if let Some(v) = get("PERFBOX_CGROUP_PARENT") {
+            self.cgroup_parent = Some(v);
+        }
+        if let Some(v) = get("PERFBOX_BUILDKIT_ROOT") {
+            self.buildkit_root = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = get("PERFBOX_REGISTRIES") {
+            self.build.registries = v
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(v) = get("PERFBOX_BUILD_CGROUP_PARENT") {
+            self.build.cgroup_parent = v;
+        }
+        if let Some(v) = get("PERFBOX_BUILD_CACHE_SCOPE") {
+            self.build.cache_scope = match v.as_str() {
+                "job" => CacheScope::Job,
+                "owner" => CacheScope::Owner,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "PERFBOX_BUILD_CACHE_SCOPE".into(),
+                        message: format!("{v:?} is not job or owner"),
+                    });
+                }
+            };
+        }
+        if let Some(v) = get("PERFBOX_MAX_IMAGE_BYTES") {
+            self.build.max_image_bytes = parse("PERFBOX_MAX_IMAGE_BYTES", v)?;
+        }
+        if let Some(v) = get("PERFBOX_MAX_BUILDS_PER_OWNER") {
+            self.build.max_builds_per_owner = parse("PERFBOX_MAX_BUILDS_PER_OWNER", v)?;
+        }
         if let Some(v) = get("PERFBOX_MAX_CONCURRENT_BUILDS") {
             self.max_concurrent_builds = parse("PERFBOX_MAX_CONCURRENT_BUILDS", v)?;
         }
@@ -240,6 +330,17 @@ impl Config {
         if self.limits.timeout_secs == 0 || self.build_timeout_secs == 0 {
             return Err(ConfigError::Invalid("timeouts must be >= 1 second".into()));
         }
+        if self.build.max_builds_per_owner == 0 {
+            return Err(ConfigError::Invalid(
+                "build.max_builds_per_owner must be >= 1".into(),
+            ));
+        }
+        if self.build.max_image_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "build.max_image_bytes must be >= 1".into(),
+            ));
+        }
+        self.source_policy()?;
         if self.tokens.iter().any(|t| t.token.len() < 8) {
             return Err(ConfigError::Invalid(
                 "every token must be at least 8 characters".into(),
@@ -249,9 +350,58 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The source policy of every build ([`crate::buildkit::policy`]), from `build.registries`
+    /// and `build.allowed_remote_sources`.
+    pub fn source_policy(&self) -> Result<crate::buildkit::SourcePolicy, ConfigError> {
+        use crate::buildkit::{RemoteSource, SourcePolicy};
+        let invalid =
+            |e: crate::buildkit::PolicyError| ConfigError::Invalid(format!("[build] {e}"));
+        let host = crate::buildkit::policy::host_addresses();
+        let mut policy = SourcePolicy::new(&self.build.registries).map_err(invalid)?;
+        for pattern in &self.build.allowed_remote_sources {
+            policy = policy.allow_remote(RemoteSource::parse(pattern, &host).map_err(invalid)?);
+        }
+        Ok(policy)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_isolation_settings_are_checked() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        c.build.allowed_remote_sources = vec!["http://127.0.0.1:8080/*".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("loopback"), "{e}");
+        c.build.allowed_remote_sources = vec!["https://files.example.org/*".into()];
+        c.validate().unwrap();
+        c.build.registries = vec![];
+        assert!(c.validate().is_err());
+        c.build.registries = vec!["127.0.0.1:5000".into()];
+        c.build.max_builds_per_owner = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "PERFBOX_REGISTRIES" => Some("127.0.0.1:5001,reg.example".into()),
+            "PERFBOX_BUILD_CACHE_SCOPE" => Some("owner".into()),
+            "PERFBOX_MAX_IMAGE_BYTES" => Some("1000".into()),
+            "PERFBOX_BUILD_CGROUP_PARENT" => Some("".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.build.registries, ["127.0.0.1:5001", "reg.example"]);
+        assert_eq!(c.build.cache_scope, CacheScope::Owner);
+        assert_eq!(c.build.max_image_bytes, 1000);
+        assert_eq!(c.build.cgroup_parent, "");
+        assert!(
+            c.apply_env(|k| (k == "PERFBOX_BUILD_CACHE_SCOPE").then(|| "all".into()))
+                .is_err()
+        );
+    }
 
     #[test]
     fn file_then_env_override_defaults() {

@@ -38,6 +38,12 @@ enum Command {
         /// Wait for the result, showing progress.
         #[arg(long)]
         wait: bool,
+        /// A build arg, NAME=value (repeatable; BUILDKIT_* names are refused).
+        #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+        build_args: Vec<String>,
+        /// Build this stage of a multi-stage Dockerfile.
+        #[arg(long)]
+        target: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -132,8 +138,10 @@ async fn main() -> Result<()> {
         Command::Submit {
             dockerfile,
             wait,
+            build_args,
+            target,
             client,
-        } => submit(&dockerfile, wait, &client).await,
+        } => submit(&dockerfile, wait, &build_args, target, &client).await,
         Command::Status { id, client } => {
             println!(
                 "{}",
@@ -238,31 +246,45 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(%addr, state_dir = %cfg.state_dir.display(), "perfbox listening");
-    axum::serve(listener, perfbox::api::router(jobs))
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-            tracing::info!("shutting down");
-        })
-        .await?;
+    axum::serve(
+        listener,
+        perfbox::api::router(jobs).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down");
+    })
+    .await?;
     Ok(())
 }
 
-async fn submit(path: &PathBuf, wait: bool, client: &ClientArgs) -> Result<()> {
+async fn submit(
+    path: &PathBuf,
+    wait: bool,
+    build_args: &[String],
+    target: Option<String>,
+    client: &ClientArgs,
+) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "Dockerfile".into());
-    let form = reqwest::multipart::Form::new().part(
+    let mut form = reqwest::multipart::Form::new().part(
         "file",
         reqwest::multipart::Part::bytes(bytes).file_name(name),
     );
+    for arg in build_args {
+        form = form.text("build_arg", arg.clone());
+    }
+    if let Some(t) = target {
+        form = form.text("target", t);
+    }
     let resp = client
         .request(reqwest::Method::POST, "/job/build")
         .multipart(form)

@@ -17,13 +17,18 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 use perfbox::buildkit::{
     BuildError, BuildNetwork, BuildRequest, BuildkitClient, BuiltImage, ExportError, MemoryLog,
-    unpack_tar,
+    SourcePolicy, unpack_tar,
 };
 
-const SOCKET: &str = "/run/perfbox/buildkit/buildkitd.sock";
+mod common;
+
+/// The rootless buildkitd of the setup under test.
+fn socket() -> String {
+    common::buildkit_socket()
+}
 
 fn addr() -> String {
-    format!("unix://{SOCKET}")
+    format!("unix://{}", socket())
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -37,8 +42,9 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Fail (not skip) when setup has not provided a daemon.
 fn require_daemon(rt: &tokio::runtime::Runtime) -> BuildkitClient {
     assert!(
-        Path::new(SOCKET).exists(),
-        "buildkitd socket {SOCKET} is missing: run `sudo scripts/setup` (README, Quick start) first"
+        Path::new(&socket()).exists(),
+        "buildkitd socket {} is missing: run `sudo scripts/setup` (README, Quick start) first",
+        socket()
     );
     rt.block_on(async {
         let client = BuildkitClient::connect(&addr()).await.expect("client");
@@ -50,7 +56,10 @@ fn require_daemon(rt: &tokio::runtime::Runtime) -> BuildkitClient {
                     eprintln!("waiting for buildkitd: {e}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(e) => panic!("buildkitd at {SOCKET} does not answer (run scripts/setup): {e}"),
+                Err(e) => panic!(
+                    "buildkitd at {} does not answer (run scripts/setup): {e}",
+                    socket()
+                ),
             }
         }
     })
@@ -69,8 +78,11 @@ fn nonce() -> String {
     )
 }
 
+/// A build of `dockerfile` into `dir/rootfs`, allowed images from the setup's registry.
 fn request(dockerfile: &str, dir: &Path) -> BuildRequest {
-    BuildRequest::new(dockerfile.as_bytes().to_vec(), dir.join("rootfs"))
+    let mut req = BuildRequest::new(dockerfile.as_bytes().to_vec(), dir.join("rootfs"));
+    req.source_policy = SourcePolicy::new(&[common::registry()]).expect("registry");
+    req
 }
 
 fn read(rootfs: &Path, rel: &str) -> String {
@@ -300,7 +312,8 @@ fn parallel_builds_share_one_client() -> Result<(), Failed> {
         for i in 0..4 {
             let client = client.clone();
             let df = format!("FROM busybox\nRUN echo par-{i}-{n} > /which\n");
-            let req = BuildRequest::new(df.into_bytes(), dir.path().join(format!("rootfs{i}")));
+            let mut req = request(&df, dir.path());
+            req.rootfs_dir = dir.path().join(format!("rootfs{i}"));
             set.spawn(async move { (i, client.build(req, MemoryLog::new()).await) });
         }
         set.join_all().await
@@ -344,15 +357,25 @@ fn run_steps_have_no_network() -> Result<(), Failed> {
     let netdev = read(&img.rootfs, "netdev");
     let iplink = read(&img.rootfs, "iplink");
 
-    // Control: the opt-in sandbox network (= host network on this machine) does reach the
-    // listener, so the assertion above can tell the difference.
+    // Control: the same probe reports "reached" for a listener in the RUN step's own network
+    // namespace, so "blocked" above is a real refusal, not a broken probe.
     let control_dir = tempfile::tempdir()?;
-    let mut control = request(
-        &df.replace("RUN echo ", "RUN echo control-"),
-        control_dir.path(),
+    let control_df = format!(
+        "FROM busybox\nRUN echo control-{n}; (nc -l -p 7777 </dev/null >/dev/null 2>&1 &); sleep 1; \
+         (nc -w 2 127.0.0.1 7777 </dev/null && echo reached || echo blocked) > /net\n",
+        n = nonce()
     );
-    control.network = BuildNetwork::Sandbox;
-    let control_img = build_ok(&rt, &client, control);
+    let control_img = build_ok(&rt, &client, request(&control_df, control_dir.path()));
+    // The opt-in sandbox network is the host's network on this machine (rootlesskit --net=host).
+    // A daemon that gives RUN steps cgroups of their own (--oci-worker-rootless=false) cannot
+    // start a RUN step there at all; a plain rootless one can, and then reaches the listener.
+    let host_dir = tempfile::tempdir()?;
+    let mut host_net = request(
+        &df.replace("RUN echo ", "RUN echo host-net-"),
+        host_dir.path(),
+    );
+    host_net.network = BuildNetwork::Sandbox;
+    let host_net = rt.block_on(client.build(host_net, MemoryLog::new()));
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::SeqCst);
     let _ = watcher.join();
@@ -376,12 +399,38 @@ fn run_steps_have_no_network() -> Result<(), Failed> {
         "reached",
         "control build"
     );
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        1,
-        "only the control build connected"
-    );
+    if daemon_separates_run_steps() {
+        let e = host_net.expect_err("a RUN step in the host's network namespace must not start");
+        eprintln!("  host network refused: {e}");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            0,
+            "nothing reached the host"
+        );
+    } else {
+        let img = host_net.map_err(|e| format!("host-network build: {e}"))?;
+        assert_eq!(
+            read(&img.rootfs, "net").trim(),
+            "reached",
+            "host-network control"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "only the host-network control connected"
+        );
+    }
     Ok(())
+}
+
+/// Whether the main buildkitd runs with `--oci-worker-rootless=false` (scripts/services does
+/// where RUN steps get cgroups of their own).
+fn daemon_separates_run_steps() -> bool {
+    common::main_buildkitd_pids().iter().any(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("--oci-worker-rootless=false"))
+            .unwrap_or(false)
+    })
 }
 
 // ---- 8 ----
@@ -598,6 +647,8 @@ impl Drop for RestartOnDrop {
     fn drop(&mut self) {
         let out = services("start");
         eprintln!("  restored buildkitd: {}", out.trim());
+        // Later tests (and test binaries) find it answering, not starting.
+        common::require_buildkitd(&socket());
     }
 }
 
@@ -659,7 +710,7 @@ fn daemon_restart_same_client() -> Result<(), Failed> {
     let took = t.elapsed();
     assert!(took < Duration::from_secs(2), "health took {took:?}");
     assert!(matches!(e, BuildError::DaemonUnavailable { .. }), "{e:?}");
-    assert!(e.to_string().contains(SOCKET), "{e}");
+    assert!(e.to_string().contains(&socket()), "{e}");
 
     let dir = tempfile::tempdir()?;
     let t = Instant::now();
@@ -672,7 +723,7 @@ fn daemon_restart_same_client() -> Result<(), Failed> {
         t.elapsed()
     );
     assert!(matches!(e, BuildError::DaemonUnavailable { .. }), "{e:?}");
-    assert!(e.to_string().contains(SOCKET), "{e}");
+    assert!(e.to_string().contains(&socket()), "{e}");
 
     // (c) Back up: the same client builds again.
     eprintln!("  {}", services("start").trim());
@@ -691,24 +742,6 @@ fn daemon_restart_same_client() -> Result<(), Failed> {
     Ok(())
 }
 
-/// The main buildkitd process (not the networked one, not rootlesskit).
-fn main_buildkitd_pids() -> Vec<i32> {
-    let mut pids = vec![];
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        let cmd =
-            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if comm.trim() == "buildkitd" && cmd.contains("/buildkit/buildkitd.toml") {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 // ---- a crash, as buildkitd v0.13.2 has on malformed LLB: kill -9, the supervisor restarts it ----
 fn daemon_crash_supervisor_restarts() -> Result<(), Failed> {
     let rt = runtime();
@@ -721,7 +754,7 @@ fn daemon_crash_supervisor_restarts() -> Result<(), Failed> {
         let build = client.build(req, MemoryLog::new());
         tokio::pin!(build);
         until_running(&mut build, "sleep 58").await;
-        let pids = main_buildkitd_pids();
+        let pids = common::main_buildkitd_pids();
         assert_eq!(pids.len(), 1, "expected one main buildkitd, found {pids:?}");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pids[0]),

@@ -76,8 +76,7 @@ impl Drop for Daemon {
 
 fn start_daemon(dir: &Path, port: u16) -> Daemon {
     // The main daemon's config (registry mirror), minus its socket and root.
-    let main_cfg =
-        std::fs::read_to_string(Path::new(STATE).join("buildkit/buildkitd.toml")).unwrap();
+    let main_cfg = std::fs::read_to_string(state().join("buildkit/buildkitd.toml")).unwrap();
     let mut cfg = String::new();
     let mut skip = false;
     for line in main_cfg.lines() {
@@ -98,14 +97,15 @@ fn start_daemon(dir: &Path, port: u16) -> Daemon {
     );
     std::fs::write(dir.join("buildkitd.toml"), cfg).unwrap();
     Command::new("chown")
-        .args(["-R", PERFBOX_USER])
+        .args(["-R", user()])
         .arg(dir)
         .status()
         .unwrap();
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
     let d = dir.display();
+    let u = user();
     let script = format!(
-        "exec setpriv --reuid {PERFBOX_USER} --regid {PERFBOX_USER} --init-groups -- env XDG_RUNTIME_DIR={d} \
+        "exec setpriv --reuid {u} --regid {u} --init-groups -- env XDG_RUNTIME_DIR={d} \
          rootlesskit --net=host --copy-up=/etc --state-dir={d}/rk buildkitd --config {d}/buildkitd.toml --root {d}/root \
          --addr tcp://127.0.0.1:{port} --tlscacert {d}/ca.pem --tlscert {d}/server.pem --tlskey {d}/server.key"
     );
@@ -151,10 +151,11 @@ fn tls_build() -> Result<(), Failed> {
         assert!(info.version.starts_with("v0."), "{info:?}");
         let rootfs = d.join("rootfs");
         let nonce = uuid::Uuid::new_v4().simple().to_string();
-        let req = BuildRequest::new(
+        let mut req = BuildRequest::new(
             format!("FROM busybox\nRUN echo {nonce} > /over-tls\nCMD [\"true\"]\n").into_bytes(),
             rootfs.clone(),
         );
+        req.source_policy = perfbox::buildkit::SourcePolicy::new(&[registry()]).expect("registry");
         let built = client.build(req, NullLog).await.expect("build over TLS");
         assert_eq!(
             std::fs::read_to_string(rootfs.join("over-tls"))

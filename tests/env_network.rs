@@ -7,7 +7,7 @@
 //! RUN step) to addresses of the namespaces rootlesskit made here, to prove them BLOCKED. "Has a
 //! network" is shown from the interface and route tables, never by connecting outwards.
 //!
-//! When setup did not start the daemon, it wrote why to /var/lib/perfbox/buildkit-net/unavailable:
+//! When setup did not start the daemon, it wrote why to $PERFBOX_STATE/buildkit-net/unavailable:
 //! the trials are then reported as ignored with that reason; without a reason they fail.
 
 mod common;
@@ -19,11 +19,10 @@ use std::sync::OnceLock;
 use common::*;
 use libtest_mimic::{Arguments, Failed, Trial};
 
-/// The networked daemon's socket: a client selects the mode by connecting here instead of
-/// BUILDKIT_SOCKET, and does not pass `force-network-mode=none`.
-const NET_SOCKET: &str = "/run/perfbox/buildkit-net/buildkitd.sock";
 /// Where setup writes why it did not start the networked daemon.
-const UNAVAILABLE: &str = "/var/lib/perfbox/buildkit-net/unavailable";
+fn unavailable() -> PathBuf {
+    state().join("buildkit-net/unavailable")
+}
 /// slirp4netns's alias of the host (its loopback, unless --disable-host-loopback).
 const SLIRP_HOST: &str = "10.0.2.2";
 /// The address of rootlesskit's netns on slirp's network (the daemon netns).
@@ -51,7 +50,7 @@ struct Probe {
 impl Probe {
     fn file(&self, name: &str) -> Result<String, Failed> {
         if let Err(log) = &self.result {
-            return Err(format!("the build on {NET_SOCKET} failed:\n{log}").into());
+            return Err(format!("the build on {} failed:\n{log}", buildkit_net_socket()).into());
         }
         let out = Command::new("tar")
             .arg("-xOf")
@@ -77,6 +76,7 @@ fn probe() -> &'static Probe {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
+        let rport = registry_port();
         let dir = TestDir::new("net-probe");
         let tar = dir.path().join("probe.tar");
         // Each probe writes "reached" or "blocked"; the nonce defeats the build cache.
@@ -91,16 +91,16 @@ fn probe() -> &'static Probe {
              {lo}; {slirp}; {registry}; {slirp_registry}; {daemon_netns}; \
              gw=$(awk 'NR>1 && $2==\"00000000\" {{ g=$3; printf \"%d.%d.%d.%d\", \"0x\" substr(g,7,2), \"0x\" substr(g,5,2), \"0x\" substr(g,3,2), \"0x\" substr(g,1,2) }}' /proc/net/route); \
              echo \"$gw\" > /probe/gateway; \
-             (nc -w 3 \"$gw\" 5000 </dev/null >/dev/null 2>&1 && echo reached || echo blocked) > /probe/gateway_registry\n",
+             (nc -w 3 \"$gw\" {rport} </dev/null >/dev/null 2>&1 && echo reached || echo blocked) > /probe/gateway_registry\n",
             nonce = nonce(),
             control = try_("127.0.0.1", 7777, "control"),
             lo = try_("127.0.0.1", port, "host_lo"),
             slirp = try_(SLIRP_HOST, port, "slirp_host"),
-            registry = try_("127.0.0.1", 5000, "registry"),
-            slirp_registry = try_(SLIRP_HOST, 5000, "slirp_registry"),
-            daemon_netns = try_(DAEMON_NETNS_ADDR, 5000, "daemon_netns_registry"),
+            registry = try_("127.0.0.1", rport, "registry"),
+            slirp_registry = try_(SLIRP_HOST, rport, "slirp_registry"),
+            daemon_netns = try_(DAEMON_NETNS_ADDR, rport, "daemon_netns_registry"),
         );
-        let result = buildctl_build(NET_SOCKET, dir.path(), &df, &tar, &[]);
+        let result = buildctl_build(&buildkit_net_socket(), dir.path(), &df, &tar, &[]);
         let listener_accepted = listener.accept().is_ok();
         Probe { result, tar, listener_accepted, port, _dir: dir }
     })
@@ -140,6 +140,7 @@ fn run_step_has_interface_and_default_route() -> Result<(), Failed> {
 /// not the registry, not the relay through the daemon netns's addresses; nothing was accepted.
 fn run_step_cannot_reach_host_loopback() -> Result<(), Failed> {
     let p = probe();
+    let rport = registry_port();
     // Control: the same probe does report "reached" for a listener in the RUN step's own netns.
     assert_eq!(
         p.file("probe/control")?.trim(),
@@ -155,18 +156,18 @@ fn run_step_cannot_reach_host_loopback() -> Result<(), Failed> {
             "slirp_host",
             format!("{SLIRP_HOST}:{} (slirp's alias of the host)", p.port),
         ),
-        ("registry", "127.0.0.1:5000 (the registry)".to_string()),
+        ("registry", format!("{} (the registry)", registry())),
         (
             "slirp_registry",
-            format!("{SLIRP_HOST}:5000 (the registry through slirp)"),
+            format!("{SLIRP_HOST}:{rport} (the registry through slirp)"),
         ),
         (
             "daemon_netns_registry",
-            format!("{DAEMON_NETNS_ADDR}:5000 (the daemon netns, where the registry relay is)"),
+            format!("{DAEMON_NETNS_ADDR}:{rport} (the daemon netns, where the registry relay is)"),
         ),
         (
             "gateway_registry",
-            "the default gateway :5000 (the bridge in the daemon netns)".to_string(),
+            format!("the default gateway :{rport} (the bridge in the daemon netns)"),
         ),
     ] {
         let got = p.file(&format!("probe/{file}"))?;
@@ -207,7 +208,7 @@ fn host_network_entitlement_is_refused() -> Result<(), Failed> {
     let tar = dir.path().join("host.tar");
     let df = format!("FROM busybox\nRUN --network=host echo {}\n", nonce());
     match buildctl_build(
-        NET_SOCKET,
+        &buildkit_net_socket(),
         dir.path(),
         &df,
         &tar,
@@ -237,6 +238,11 @@ fn comm(pid: u32) -> String {
         .to_string()
 }
 
+fn cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}
+
 fn ppid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')')
@@ -249,16 +255,21 @@ fn ppid(pid: u32) -> Option<u32> {
 
 /// (3) buildkitd, rootlesskit, slirp4netns and the relays of the networked daemon run as perfbox.
 fn networked_daemon_runs_as_perfbox() -> Result<(), Failed> {
-    let perfbox = nix::unistd::User::from_name(PERFBOX_USER)
+    let perfbox = nix::unistd::User::from_name(user())
         .unwrap()
         .unwrap()
         .uid
         .as_raw();
     // Everything whose command line names the daemon's state dir, config or relay socket (the
     // clients this test binary runs, buildctl as root, aside)...
+    // (Only this setup's: its run or state dir is in each command line.)
+    let mine = |p: u32| {
+        let c = cmdline(p);
+        c.contains(&run_dir().display().to_string()) || c.contains(&state().display().to_string())
+    };
     let mut pids: Vec<u32> = processes_with("buildkit-net")
         .into_iter()
-        .filter(|p| comm(*p) != "buildctl")
+        .filter(|p| comm(*p) != "buildctl" && mine(*p))
         .collect();
     // ...and slirp4netns, whose command line does not: it is a child of that rootlesskit.
     let slirps: Vec<u32> = std::fs::read_dir("/proc")
@@ -281,8 +292,9 @@ fn networked_daemon_runs_as_perfbox() -> Result<(), Failed> {
         }; // exited meanwhile
         assert!(
             uids.iter().all(|u| *u == perfbox),
-            "{} (pid {pid}) of buildkitd-net runs with uids {uids:?}, not {PERFBOX_USER} ({perfbox})",
-            comm(*pid)
+            "{} (pid {pid}) of buildkitd-net runs with uids {uids:?}, not {} ({perfbox})",
+            comm(*pid),
+            user()
         );
     }
     for slirp in &slirps {
@@ -300,7 +312,7 @@ fn daemon_answers() -> Result<(), String> {
     let out = Command::new("buildctl")
         .args([
             "--addr",
-            &format!("unix://{NET_SOCKET}"),
+            &format!("unix://{}", buildkit_net_socket()),
             "debug",
             "workers",
         ])
@@ -338,7 +350,7 @@ fn main() {
             host_network_entitlement_is_refused,
         ),
     ];
-    let trials: Vec<Trial> = match (daemon_answers(), std::fs::read_to_string(UNAVAILABLE)) {
+    let trials: Vec<Trial> = match (daemon_answers(), std::fs::read_to_string(unavailable())) {
         (Ok(()), _) => tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect(),
         // Setup decided this host cannot run it safely, and said why: ignored, with that reason.
         (Err(_), Ok(reason)) => {
@@ -349,7 +361,7 @@ fn main() {
             .into_iter()
             .map(|(n, _)| {
                 let e = e.clone();
-                Trial::test(n, move || Err(format!("buildkitd-net does not answer on {NET_SOCKET} ({e}) and setup recorded no reason in {UNAVAILABLE}: run `sudo scripts/setup`").into()))
+                Trial::test(n, move || Err(format!("buildkitd-net does not answer on {} ({e}) and setup recorded no reason in {}: run `sudo scripts/setup`", buildkit_net_socket(), unavailable().display()).into()))
             })
             .collect(),
     };

@@ -17,7 +17,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 /// Build on the main daemon with no network for RUN steps, as perfbox does.
 fn build_no_net(dir: &Path, dockerfile: &str, tar: &Path) -> Result<String, String> {
     buildctl_build(
-        BUILDKIT_SOCKET,
+        &buildkit_socket(),
         dir,
         dockerfile,
         tar,
@@ -37,9 +37,9 @@ fn built_rootfs() -> &'static Path {
             &tar,
         )
         .unwrap_or_else(|log| panic!("buildctl build failed:\n{log}"));
-        let rootfs = Path::new(STATE).join("test").join(format!("smoke-rootfs-{}", std::process::id()));
+        let rootfs = state().join("test").join(format!("smoke-rootfs-{}", std::process::id()));
         std::fs::create_dir_all(&rootfs).unwrap();
-        run_ok(Command::new("chown").arg(PERFBOX_USER).arg(&rootfs));
+        run_ok(Command::new("chown").arg(user()).arg(&rootfs));
         run_ok(Command::new("chmod").arg("644").arg(&tar));
         run_ok(&mut as_perfbox(&["tar", "-C", &rootfs.to_string_lossy(), "-xf", &tar.to_string_lossy()]));
         let _ = std::fs::rename(dir.path(), rootfs.with_extension("build")); // removed at the end
@@ -63,10 +63,10 @@ fn run_ok(c: &mut Command) -> String {
 fn run_built_image(runtime: &str) -> Result<String, String> {
     let rootfs = built_rootfs();
     let bundle = TestDir::new(&format!("smoke-{runtime}"));
-    run_ok(Command::new("chown").arg(PERFBOX_USER).arg(bundle.path()));
+    run_ok(Command::new("chown").arg(user()).arg(bundle.path()));
     let data = bundle.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    run_ok(Command::new("chown").arg(PERFBOX_USER).arg(&data));
+    run_ok(Command::new("chown").arg(user()).arg(&data));
     // runc's rootless template, made by the runtime user itself (so the uid map points at it).
     run_ok(&mut as_perfbox(&[
         "sh",
@@ -86,7 +86,7 @@ fn run_built_image(runtime: &str) -> Result<String, String> {
             "destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]
         }));
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-    run_ok(Command::new("chown").arg(PERFBOX_USER).arg(&cfg_path));
+    run_ok(Command::new("chown").arg(user()).arg(&cfg_path));
     let state = bundle.path().join("state");
     let id = format!("smoke-{runtime}-{}", std::process::id());
     let out = as_perfbox(&[
@@ -148,9 +148,10 @@ fn build_run_cannot_reach_host_loopback() -> Result<(), Failed> {
     let dir = TestDir::new("smoke-net");
     let tar = dir.path().join("net.tar");
     let nonce = format!("{}-{port}", std::process::id());
+    let registry_port = registry_port();
     let df = format!(
         "FROM busybox\nRUN echo {nonce}; (nc -w 2 127.0.0.1 {port} </dev/null && echo reached || echo blocked) > /net; \
-         (nc -w 2 127.0.0.1 5000 </dev/null && echo reached || echo blocked) > /registry; awk 'NR>2 {{ sub(\":\", \"\", $1); print $1 }}' /proc/net/dev > /ifaces\n"
+         (nc -w 2 127.0.0.1 {registry_port} </dev/null && echo reached || echo blocked) > /registry; awk 'NR>2 {{ sub(\":\", \"\", $1); print $1 }}' /proc/net/dev > /ifaces\n"
     );
     build_no_net(dir.path(), &df, &tar).map_err(|l| format!("build failed:\n{l}"))?;
     let read = |name: &str| run_ok(Command::new("tar").args(["-xOf"]).arg(&tar).arg(name));
@@ -184,14 +185,14 @@ fn registry_is_read_only_and_serves_base_images() -> Result<(), Failed> {
         let c = code(&[
             "-H",
             accept,
-            &format!("http://127.0.0.1:5000/v2/library/{image}"),
+            &format!("http://{}/v2/library/{image}", registry()),
         ]);
         assert_eq!(c, "200", "{image} missing from the registry");
     }
     let upload = code(&[
         "-X",
         "POST",
-        "http://127.0.0.1:5000/v2/library/busybox/blobs/uploads/",
+        &format!("http://{}/v2/library/busybox/blobs/uploads/", registry()),
     ]);
     assert_ne!(
         upload, "202",
@@ -202,9 +203,9 @@ fn registry_is_read_only_and_serves_base_images() -> Result<(), Failed> {
 
 fn build_cgroup_file(controller: &str, file: &str) -> Option<String> {
     let path = if cgroup_v2_host() {
-        format!("/sys/fs/cgroup/perfbox-build/{file}")
+        format!("/sys/fs/cgroup/{}-build/{file}", cgroup_name())
     } else {
-        format!("/sys/fs/cgroup/{controller}/perfbox-build/{file}")
+        format!("/sys/fs/cgroup/{controller}/{}-build/{file}", cgroup_name())
     };
     std::fs::read_to_string(path)
         .ok()
@@ -340,7 +341,7 @@ fn main() {
         }));
     }
     let conclusion = libtest_mimic::run(&args, trials);
-    let rootfs = Path::new(STATE)
+    let rootfs = state()
         .join("test")
         .join(format!("smoke-rootfs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(rootfs.with_extension("build"));

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 fn sandbox(kind: RuntimeKind) -> Sandbox {
     Sandbox::new(SandboxConfig {
         runtime: kind,
-        runtime_user: Some(PERFBOX_USER.into()),
+        runtime_user: Some(user().into()),
+        cgroup_parent: Some(cgroup_parent()),
         ..Default::default()
     })
     .expect("sandbox")
@@ -94,7 +94,8 @@ fn probe(kind: RuntimeKind) -> Result<(), String> {
         block_on(async move {
             let sb = Sandbox::new(SandboxConfig {
                 runtime: kind,
-                runtime_user: Some(PERFBOX_USER.into()),
+                runtime_user: Some(user().into()),
+                cgroup_parent: Some(cgroup_parent()),
                 ..Default::default()
             })
             .map_err(|e| e.to_string());
@@ -198,7 +199,7 @@ fn identity_and_capabilities() {
         )).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         assert_eq!(out(&job, "uid").trim(), "0");
-        let perfbox_uid = nix::unistd::User::from_name(PERFBOX_USER).unwrap().unwrap().uid.as_raw();
+        let perfbox_uid = nix::unistd::User::from_name(user()).unwrap().unwrap().uid.as_raw();
         let first: Vec<u32> = out(&job, "uid_map").lines().next().unwrap().split_whitespace().map(|n| n.parse().unwrap()).collect();
         assert_eq!(first, vec![0, perfbox_uid, 1], "container root must be the unprivileged perfbox uid");
         assert_ne!(perfbox_uid, 0);
@@ -306,7 +307,7 @@ fn concurrent_jobs_isolated() {
 
 fn perf_symlink() {
     block_on(async {
-        let secret = Path::new(STATE)
+        let secret = state()
             .join("test")
             .join(format!("host-secret-{}", std::process::id()));
         std::fs::write(&secret, r#"{"perf": 42}"#).unwrap();

@@ -435,11 +435,23 @@ fn logs_follow() -> Result<(), Failed> {
 }
 
 fn resubmission_reuses_the_cached_image() -> Result<(), Failed> {
-    let s = shared();
+    // By default (cache_scope = "job") nothing is shared between jobs: built again.
     let nonce = uuid::Uuid::new_v4().simple().to_string();
     let df = format!(
         "FROM busybox\nRUN echo {nonce} > /nonce\nCMD echo \"{{\\\"perf\\\": $(wc -c < /nonce)}}\" > /data/perf.json\n"
     );
+    {
+        let s = shared();
+        let first = s.submit(&df);
+        assert_eq!(s.wait(first)["perf"], 33.0);
+        let second = s.submit(&df);
+        assert_eq!(s.wait(second)["perf"], 33.0);
+        let rec = s.curl(&[&format!("/job/{second}")]).1;
+        assert_eq!(rec["image_cache"], "miss", "{rec}");
+        assert_eq!(rec["build"]["cache_scope"], "job", "{rec}");
+    }
+    // With cache_scope = "owner", one owner's resubmission reuses its image.
+    let s = &Service::start("svc-owner-cache", &[("PERFBOX_BUILD_CACHE_SCOPE", "owner")]);
     let first = s.submit(&df);
     assert_eq!(s.wait(first)["perf"], 33.0);
     let second = s.submit(&df);
@@ -475,7 +487,7 @@ fn build_disk_bomb_is_stopped() -> Result<(), Failed> {
     // A service whose free-disk floor sits 300 MB below what is free now: a RUN step writing
     // 8 GB must be stopped long before the disk fills, and its space given back.
     let free_now = || {
-        let st = nix::sys::statvfs::statvfs(STATE).unwrap();
+        let st = nix::sys::statvfs::statvfs(state()).unwrap();
         st.blocks_available() as u64 * st.fragment_size() as u64
     };
     let free = free_now();

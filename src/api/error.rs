@@ -29,7 +29,7 @@ pub enum ApiError {
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
-            JobError::InvalidDockerfile(m) => ApiError::BadRequest(m),
+            JobError::InvalidDockerfile(m) | JobError::InvalidRequest(m) => ApiError::BadRequest(m),
             e @ JobError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
             e @ JobError::QueueFull(_) => ApiError::Unavailable(e.to_string()),
             e @ (JobError::NotFound(_) | JobError::NoSpec(_)) => ApiError::NotFound(e.to_string()),

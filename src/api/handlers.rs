@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use crate::jobs::{JobId, JobRecord, JobService, JobStatus, Owner};
+use crate::jobs::{BuildOptions, JobId, JobRecord, JobService, JobStatus, Owner};
 
 /// The caller, from the `Authorization: Bearer` header (None when tokens are off).
 pub struct Caller(pub Owner);
@@ -18,9 +18,32 @@ impl FromRequestParts<JobService> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, jobs: &JobService) -> Result<Self, ApiError> {
+        Ok(Caller(
+            Submitter::from_request_parts(parts, jobs).await?.owner,
+        ))
+    }
+}
+
+/// The caller, and whose share of build slots a submission takes: the token's name, or without
+/// tokens the client's address (`addr:<ip>`).
+pub struct Submitter {
+    /// The token's name (None when tokens are off).
+    pub owner: Owner,
+    /// The name the build queue counts.
+    pub name: String,
+}
+
+impl FromRequestParts<JobService> for Submitter {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, jobs: &JobService) -> Result<Self, ApiError> {
         let tokens = &jobs.config().tokens;
         if tokens.is_empty() {
-            return Ok(Caller(None));
+            let name = parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map_or_else(|| "anonymous".to_owned(), |c| format!("addr:{}", c.0.ip()));
+            return Ok(Submitter { owner: None, name });
         }
         let header = parts
             .headers
@@ -35,7 +58,10 @@ impl FromRequestParts<JobService> for Caller {
         tokens
             .iter()
             .find(|t| constant_time_eq(t.token.as_bytes(), presented.trim().as_bytes()))
-            .map(|t| Caller(Some(t.name.clone())))
+            .map(|t| Submitter {
+                owner: Some(t.name.clone()),
+                name: t.name.clone(),
+            })
             .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))
     }
 }
@@ -64,10 +90,11 @@ fn links(id: JobId) -> Value {
     })
 }
 
-/// `POST|PUT /job/build`: multipart field `file` holding a Dockerfile.
+/// `POST|PUT /job/build`: multipart field `file` holding a Dockerfile; optional fields
+/// `build_arg` (`NAME=value`, repeatable) and `target`.
 pub async fn submit(
     State(jobs): State<JobService>,
-    Caller(owner): Caller,
+    who: Submitter,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let mut multipart = multipart.map_err(|e| {
@@ -78,6 +105,7 @@ pub async fn submit(
     let max = jobs.config().max_dockerfile_bytes;
     let mut upload: Option<(String, Vec<u8>)> = None;
     let mut other_fields = vec![];
+    let mut options = BuildOptions::default();
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
@@ -85,6 +113,18 @@ pub async fn submit(
             Err(e) => return Err(multipart_error(e, max)),
         };
         let name = field.name().unwrap_or("").to_string();
+        if name == "build_arg" || name == "target" {
+            let text = field.text().await.map_err(|e| multipart_error(e, max))?;
+            if name == "target" {
+                options.target = Some(text);
+                continue;
+            }
+            let (arg, value) = text.split_once('=').ok_or_else(|| {
+                ApiError::BadRequest(format!("build_arg must be NAME=value, got {text:?}"))
+            })?;
+            options.build_args.insert(arg.to_owned(), value.to_owned());
+            continue;
+        }
         if name != "file" {
             other_fields.push(name);
             continue;
@@ -108,7 +148,12 @@ pub async fn submit(
             "no multipart field named \"file\" (got {seen}); use: curl -F file=@job.Dockerfile"
         ))
     })?;
-    let rec = jobs.submit(&filename, &bytes, owner)?;
+    if !other_fields.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "unknown multipart fields {other_fields:?}: send \"file\" (the Dockerfile) and optionally \"build_arg\" (NAME=value, repeatable) and \"target\""
+        )));
+    }
+    let rec = jobs.submit(&filename, &bytes, who.owner, &who.name, &options)?;
     let body = json!({
         "id": rec.id,
         "filename": rec.filename,

@@ -38,6 +38,9 @@ const MAX_MESSAGE: usize = 64 << 20;
 const BUILD_ID_HEADER: &str = "buildkit-controlapi-buildid";
 /// How long to wait for the tail of a finished build (status stream end, error propagation).
 const WIND_DOWN: Duration = Duration::from_secs(5);
+/// BuildKit's errors carry stacks and source maps in their trailers; tonic's default 16 KiB
+/// header list turns a long one (e.g. a policy denial) into a bare "h2 protocol error".
+const MAX_HEADER_LIST: u32 = 1 << 20;
 
 /// Client for one buildkitd. Cheap to clone; all clones share one HTTP/2 connection, which is
 /// (re)established lazily, so the client survives daemon restarts.
@@ -108,6 +111,7 @@ impl BuildkitClient {
             e.connect_timeout(CONNECT_TIMEOUT)
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
+                .http2_max_header_list_size(MAX_HEADER_LIST)
                 .tcp_nodelay(true)
         };
         let channel = match target {
@@ -196,6 +200,7 @@ impl BuildkitClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
+            .http2_max_header_list_size(MAX_HEADER_LIST)
             .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .connect_lazy();
@@ -330,10 +335,11 @@ impl BuildkitClient {
         log: Arc<dyn BuildLog>,
     ) -> Result<BuiltImage, BuildError> {
         let cancel = req.cancel.clone();
+        let dockerfile = String::from_utf8_lossy(&req.dockerfile).into_owned();
         let result = tokio::select! {
             biased;
             () = cancel.cancelled() => Err(BuildError::Cancelled),
-            r = self.run_build(req, log.clone()) => r,
+            r = self.run_build(req, log.clone()) => r.map_err(|e| e.locate_in(&dockerfile)),
         };
         if let Err(e) = &result {
             log.line(&format!("ERROR: {e}"));
@@ -351,9 +357,14 @@ impl BuildkitClient {
         let def = definition::dockerfile_definition(&req.dockerfile)?;
         export::prepare_target(&req.rootfs_dir)?;
         self.info_version().await?;
+        if let Some(directive) = syntax_directive(&String::from_utf8_lossy(&req.dockerfile)) {
+            log.line(&format!(
+                "perfbox: ignoring the directive `{directive}`: perfbox builds every Dockerfile with BuildKit's built-in Dockerfile frontend and never runs a frontend image"
+            ));
+        }
 
         let build_ref = format!("perfbox-{}", uuid::Uuid::new_v4().simple());
-        let (sink, unpacker) = export::start(req.rootfs_dir.clone());
+        let (sink, unpacker) = export::start(req.rootfs_dir.clone(), req.max_image_bytes);
         let session = Session::start(self.channel.clone(), sink, &self.credentials);
 
         let status_task = AbortOnDrop::new(tokio::spawn(stream_status(
@@ -372,6 +383,8 @@ impl BuildkitClient {
                 r#type: "tar".to_owned(),
                 attrs: HashMap::new(),
             }],
+            // Evaluated on the daemon for every source of this build, the frontend's included.
+            source_policy: Some(req.source_policy.to_proto()),
             ..Default::default()
         };
         let mut outer_solve = pin!(control.solve(outer));
@@ -558,17 +571,21 @@ impl ImageBuilder for BuildkitClient {
 }
 
 /// The `dockerfile.v0` options for `req`.
+///
+/// Options perfbox always sets, after the caller's build args so that none can override them:
+/// - `force-network-mode` (none unless the caller chose the isolated network);
+/// - `cmdline` (present, empty): the frontend then ignores `# syntax=` and `BUILDKIT_SYNTAX`
+///   instead of running the named frontend image (which could reach the host's network);
+/// - with a scope: `build-arg:BUILDKIT_CACHE_MOUNT_NS` and `hostname` (see [`BuildScope`]);
+/// - with a cgroup parent: `cgroup-parent`.
+///
+/// Build args named `BUILDKIT_*` (any case) are refused: they are BuildKit's own knobs
+/// (cache-mount namespace, syntax, hostname...), not the Dockerfile's.
 fn frontend_options(req: &BuildRequest) -> Result<HashMap<String, String>, BuildError> {
     let invalid = |message: String| BuildError::InvalidRequest { message };
     let mut opts = HashMap::new();
-    opts.insert(
-        "force-network-mode".to_owned(),
-        req.network.as_frontend_value().to_owned(),
-    );
     for (name, value) in &req.build_args {
-        if name.is_empty() || name.contains('=') || name.chars().any(char::is_whitespace) {
-            return Err(invalid(format!("bad build arg name {name:?}")));
-        }
+        super::check_build_arg_name(name).map_err(invalid)?;
         opts.insert(format!("build-arg:{name}"), value.clone());
     }
     if let Some(target) = &req.target {
@@ -591,7 +608,51 @@ fn frontend_options(req: &BuildRequest) -> Result<HashMap<String, String>, Build
     if req.dockerfile.is_empty() {
         return Err(invalid("empty Dockerfile".to_owned()));
     }
+    opts.insert(
+        "force-network-mode".to_owned(),
+        req.network.as_frontend_value().to_owned(),
+    );
+    opts.insert("cmdline".to_owned(), String::new());
+    if let Some(scope) = &req.scope {
+        opts.insert(
+            "build-arg:BUILDKIT_CACHE_MOUNT_NS".to_owned(),
+            scope.as_str().to_owned(),
+        );
+        opts.insert("hostname".to_owned(), scope.as_str().to_owned());
+    }
+    if let Some(parent) = &req.cgroup_parent {
+        let ok = !parent.is_empty()
+            && parent.split('/').all(|c| {
+                !c.is_empty() && c != "." && c != ".." && !c.contains(char::is_whitespace)
+            });
+        if !ok {
+            return Err(invalid(format!("bad cgroup parent {parent:?}")));
+        }
+        opts.insert("cgroup-parent".to_owned(), parent.clone());
+    }
     Ok(opts)
+}
+
+/// The `# syntax=…` (or `// syntax=…`) directive of a Dockerfile, as written, if it has one:
+/// directives are the comment lines at the very top (after an optional `#!` line) of the form
+/// `# key=value`, keys case-insensitive (BuildKit's `DetectSyntax`).
+fn syntax_directive(dockerfile: &str) -> Option<String> {
+    for (i, line) in dockerfile.lines().enumerate() {
+        let t = line.trim();
+        if i == 0 && t.starts_with("#!") {
+            continue;
+        }
+        let body = t.strip_prefix('#').or_else(|| t.strip_prefix("//"))?;
+        let (key, value) = body.split_once('=')?;
+        let key = key.trim();
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return None; // an ordinary comment ends the directives
+        }
+        if key.eq_ignore_ascii_case("syntax") && !value.trim().is_empty() {
+            return Some(t.to_owned());
+        }
+    }
+    None
 }
 
 fn with_build_id<T>(msg: T, build_ref: &str) -> Result<tonic::Request<T>, BuildError> {
@@ -740,14 +801,63 @@ mod tests {
     }
 
     #[test]
-    fn frontend_options_defaults_to_no_network() {
+    fn frontend_options_defaults_to_no_network_and_no_syntax_forwarding() {
         let req = BuildRequest::new("FROM busybox\n", "/tmp/x");
         let opts = frontend_options(&req).expect("valid");
         assert_eq!(
             opts.get("force-network-mode").map(String::as_str),
             Some("none")
         );
-        assert_eq!(opts.len(), 1);
+        assert_eq!(opts.get("cmdline").map(String::as_str), Some(""));
+        assert_eq!(opts.len(), 2);
+    }
+
+    #[test]
+    fn scope_and_cgroup_become_options_no_user_arg_overrides() {
+        let mut req = BuildRequest::new("FROM busybox\n", "/tmp/x");
+        req.scope = Some(super::super::BuildScope::new("job-7").unwrap());
+        req.cgroup_parent = Some("perfbox-build/runs/job-7".into());
+        let opts = frontend_options(&req).expect("valid");
+        assert_eq!(opts["build-arg:BUILDKIT_CACHE_MOUNT_NS"], "job-7");
+        assert_eq!(opts["hostname"], "job-7");
+        assert_eq!(opts["cgroup-parent"], "perfbox-build/runs/job-7");
+        for knob in [
+            "BUILDKIT_CACHE_MOUNT_NS",
+            "buildkit_syntax",
+            "BuildKit_Sandbox_Hostname",
+        ] {
+            let mut r = req.clone();
+            r.build_args.insert(knob.into(), "x".into());
+            let e = frontend_options(&r).expect_err(knob);
+            assert!(e.to_string().contains("BUILDKIT_"), "{e}");
+        }
+        for bad in ["", "/abs", "a/../b", "a//b", "a b"] {
+            let mut r = req.clone();
+            r.cgroup_parent = Some(bad.into());
+            assert!(frontend_options(&r).is_err(), "{bad:?}");
+        }
+        assert!(super::super::BuildScope::new("a/b").is_err());
+        assert!(super::super::BuildScope::new("").is_err());
+    }
+
+    #[test]
+    fn syntax_directives_are_found_like_buildkit_does() {
+        assert_eq!(
+            syntax_directive("# syntax=docker/dockerfile:1\nFROM x\n").as_deref(),
+            Some("# syntax=docker/dockerfile:1")
+        );
+        assert_eq!(
+            syntax_directive("#!/bin/false\n# SYNTAX = docker/dockerfile:1.7-labs\nFROM x\n")
+                .as_deref(),
+            Some("# SYNTAX = docker/dockerfile:1.7-labs")
+        );
+        assert_eq!(
+            syntax_directive("# escape=`\n//syntax=x\nFROM x\n").as_deref(),
+            Some("//syntax=x")
+        );
+        assert_eq!(syntax_directive("FROM x\n# syntax=y\n"), None);
+        assert_eq!(syntax_directive("# a comment\n# syntax=y\nFROM x\n"), None);
+        assert_eq!(syntax_directive("FROM x\n"), None);
     }
 
     #[test]
@@ -764,6 +874,10 @@ mod tests {
         assert_eq!(opts["platform"], "linux/amd64");
         assert_eq!(opts["force-network-mode"], "sandbox");
         assert_eq!(opts["no-cache"], "");
+        req.build_args
+            .insert("BUILDKIT_CACHE_MOUNT_NS".into(), "x".into());
+        assert!(frontend_options(&req).is_err());
+        req.build_args.remove("BUILDKIT_CACHE_MOUNT_NS");
 
         req.platform = Some("linux/amd64,linux/arm64".into());
         assert!(frontend_options(&req).is_err());

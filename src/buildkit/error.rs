@@ -37,6 +37,17 @@ pub enum BuildError {
         /// 1-based Dockerfile line of the `RUN`.
         line: Option<u32>,
     },
+    /// The Dockerfile names a source the build's policy denies (an image from another registry,
+    /// an `http(s)://` or git source, a `# syntax=` frontend image...). Nothing was fetched.
+    #[error("{}", source_denied_text(denied, instruction.as_ref()))]
+    SourceDenied {
+        /// The source as BuildKit names it (`http://…`, `docker-image://…`, `git://…`).
+        denied: String,
+        /// 1-based line and text of the instruction that names it, when found in the Dockerfile.
+        instruction: Option<(u32, String)>,
+        /// BuildKit's message, verbatim.
+        message: String,
+    },
     /// A `FROM` image cannot be resolved in any configured registry.
     #[error("base image {image:?} not found: {message}")]
     BaseImageNotFound {
@@ -86,6 +97,34 @@ pub enum BuildError {
     },
 }
 
+fn source_denied_text(source: &str, instruction: Option<&(u32, String)>) -> String {
+    let at = match instruction {
+        Some((line, text)) => format!(" (line {line}: {text})"),
+        None => String::new(),
+    };
+    format!(
+        "the Dockerfile names {source}{at}, which perfbox does not fetch: builds may use images only from perfbox's registries, and other remote sources (http, https, git) only where the operator allowed them (allowed_remote_sources)"
+    )
+}
+
+impl BuildError {
+    /// Name the instruction of `dockerfile` behind a [`BuildError::SourceDenied`].
+    pub(crate) fn locate_in(self, dockerfile: &str) -> Self {
+        match self {
+            BuildError::SourceDenied {
+                denied,
+                instruction: None,
+                message,
+            } => BuildError::SourceDenied {
+                instruction: super::policy::instruction_naming(dockerfile, &denied),
+                denied,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
 fn line_suffix(line: Option<u32>) -> String {
     line.map(|l| format!(" on line {l}")).unwrap_or_default()
 }
@@ -122,6 +161,19 @@ pub enum ExportError {
         path: PathBuf,
         /// The I/O error (includes the entry path where known).
         source: std::io::Error,
+    },
+    /// The image is larger than the build allows (`max_image_bytes`); the export stopped before
+    /// writing the entry that would pass the limit.
+    #[error(
+        "the image is larger than the {limit} byte limit (max_image_bytes): {entry:?} alone is {size} bytes (apparent size) and would pass it; the export was stopped before writing it"
+    )]
+    TooLarge {
+        /// The limit.
+        limit: u64,
+        /// The entry that would have passed it.
+        entry: String,
+        /// Its apparent size.
+        size: u64,
     },
     /// The daemon finished the build without sending the tar.
     #[error("daemon finished without sending the exported tar")]
@@ -223,6 +275,13 @@ pub(crate) fn classify_parts(
     }
     if code == tonic::Code::Cancelled && message.contains("context canceled") {
         return BuildError::Cancelled;
+    }
+    if let Some(denied) = super::policy::denied_source(&message) {
+        return BuildError::SourceDenied {
+            denied,
+            instruction: None,
+            message,
+        };
     }
     let exit_from_message = exit_code_from_message(&message);
     if details.exit_code.is_some() || exit_from_message.is_some() {
@@ -396,6 +455,38 @@ mod tests {
             }
             other => panic!("wrong variant {other:?}"),
         }
+    }
+
+    #[test]
+    fn policy_denials_name_the_source_and_instruction() {
+        let msg = r#"failed to load LLB: error evaluating the source policy: source "http://127.0.0.1:8080/healthz" denied by policy: source denied by policy"#;
+        let e = classify_parts(tonic::Code::Unknown, msg.into(), ErrorDetails::default())
+            .locate_in("FROM busybox\nADD http://127.0.0.1:8080/healthz /x\n");
+        match &e {
+            BuildError::SourceDenied {
+                denied,
+                instruction,
+                message,
+            } => {
+                assert_eq!(denied, "http://127.0.0.1:8080/healthz");
+                assert_eq!(
+                    instruction,
+                    &Some((2, "ADD http://127.0.0.1:8080/healthz /x".to_owned()))
+                );
+                assert_eq!(message, msg);
+            }
+            other => panic!("wrong variant {other:?}"),
+        }
+        assert!(
+            e.to_string().starts_with("the Dockerfile names http://127.0.0.1:8080/healthz (line 2: ADD http://127.0.0.1:8080/healthz /x), which perfbox does not fetch"),
+            "{e}"
+        );
+        // A denied image is not "not found".
+        let msg = r#"failed to resolve source metadata for quay.io/foo/bar:1: could not resolve image due to policy: source "docker-image://quay.io/foo/bar:1" denied by policy"#;
+        assert!(matches!(
+            classify_parts(tonic::Code::Unknown, msg.into(), ErrorDetails::default()),
+            BuildError::SourceDenied { .. }
+        ));
     }
 
     #[test]

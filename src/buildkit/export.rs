@@ -13,6 +13,11 @@
 //! running user), extended attributes are not restored, permissions and mtimes are.
 //! Directory permissions are applied after their contents, so a read-only directory does not
 //! block its own children.
+//!
+//! Size: with a limit (`max_image_bytes`), an entry whose header says it would take the image
+//! past the limit fails the export *before* any of it is written, counting apparent sizes: a
+//! 256 GiB sparse file (which BuildKit's tar exporter streams as 256 GiB of zeros) is refused at
+//! its header, and the disk never sees it.
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -106,8 +111,9 @@ pub(crate) struct Unpacker {
     first_byte: Arc<std::sync::OnceLock<Instant>>,
 }
 
-/// Start an unpacker for `dir` (which [`prepare_target`] accepted).
-pub(crate) fn start(dir: PathBuf) -> (ExportSink, Unpacker) {
+/// Start an unpacker for `dir` (which [`prepare_target`] accepted), stopping past `limit` bytes
+/// of tar (see the module docs).
+pub(crate) fn start(dir: PathBuf, limit: Option<u64>) -> (ExportSink, Unpacker) {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     let received = Arc::new(AtomicU64::new(0));
     let first_byte = Arc::new(std::sync::OnceLock::new());
@@ -116,7 +122,7 @@ pub(crate) fn start(dir: PathBuf) -> (ExportSink, Unpacker) {
             rx,
             current: Bytes::new(),
         };
-        let stats = unpack_tar(&mut reader, &dir)?;
+        let stats = unpack_tar_limited(&mut reader, &dir, limit)?;
         // The archive stops at its end marker; drain the rest (padding) so the sender never
         // blocks on a full channel nobody reads.
         io::copy(&mut reader, &mut io::sink()).map_err(|source| ExportError::Unpack {
@@ -200,6 +206,16 @@ impl<R: Read> Read for CountingReader<R> {
 /// Unpack a tar stream into `dst` (an existing directory) without letting any entry escape it.
 /// See the module documentation for the rules.
 pub fn unpack_tar<R: Read>(reader: R, dst: &Path) -> Result<UnpackStats, ExportError> {
+    unpack_tar_limited(reader, dst, None)
+}
+
+/// [`unpack_tar`], failing with [`ExportError::TooLarge`] before writing an entry that would take
+/// the archive past `limit` bytes (headers and apparent file sizes).
+pub fn unpack_tar_limited<R: Read>(
+    reader: R,
+    dst: &Path,
+    limit: Option<u64>,
+) -> Result<UnpackStats, ExportError> {
     let unpack_err = |source| ExportError::Unpack {
         path: dst.to_path_buf(),
         source,
@@ -221,6 +237,19 @@ pub fn unpack_tar<R: Read>(reader: R, dst: &Path) -> Result<UnpackStats, ExportE
     let mut directories = Vec::new();
     for entry in archive.entries().map_err(unpack_err)? {
         let mut entry = entry.map_err(unpack_err)?;
+        if let Some(limit) = limit {
+            // Bytes consumed so far (this entry's header included) plus its content.
+            // (`Entry::size`, not the header field: past 8 GiB the size is in a PAX record.)
+            let consumed = entry.raw_header_position() + 512;
+            let end = consumed.saturating_add(entry.size());
+            if end > limit {
+                return Err(ExportError::TooLarge {
+                    limit,
+                    entry: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
+                    size: entry.size(),
+                });
+            }
+        }
         let kind = entry.header().entry_type();
         if kind.is_block_special() || kind.is_character_special() || kind.is_fifo() {
             stats.skipped_special += 1;
@@ -511,6 +540,48 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_stops_an_entry_before_writing_it() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let tar = tar_with(&[
+            ("small", tar::EntryType::Regular, &[1u8; 1000], None),
+            ("big", tar::EntryType::Regular, &[2u8; 5000], None),
+        ]);
+        let err = unpack_tar_limited(tar.as_slice(), t.path(), Some(4096)).expect_err("limit");
+        match err {
+            ExportError::TooLarge { limit, entry, size } => {
+                assert_eq!((limit, entry.as_str(), size), (4096, "big", 5000));
+            }
+            other => panic!("{other}"),
+        }
+        assert!(t.path().join("small").exists());
+        assert!(!t.path().join("big").exists(), "nothing of it was written");
+        // A sparse giant is refused from its header alone: no data follows in this stream.
+        let mut h = header("sparse", tar::EntryType::Regular, 256 << 30);
+        h.set_cksum();
+        let mut stream = h.as_bytes().to_vec();
+        stream.extend_from_slice(&[0u8; 4096]);
+        let t2 = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            unpack_tar_limited(stream.as_slice(), t2.path(), Some(1 << 30)),
+            Err(ExportError::TooLarge { size, .. }) if size == 256 << 30
+        ));
+        unpack_tar_limited(tar.as_slice(), t.path(), Some(1 << 20)).expect("under the limit");
+        // Past 8 GiB the size is in a PAX record (as BuildKit's exporter writes it).
+        let mut pax = tar::Builder::new(Vec::new());
+        pax.append_pax_extensions([("size", b"274877906944".as_slice())])
+            .expect("pax");
+        let mut h = header("giant", tar::EntryType::Regular, 0);
+        h.set_cksum();
+        pax.append(&h, std::io::empty()).expect("append");
+        let stream = pax.into_inner().expect("finish");
+        let t3 = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            unpack_tar_limited(stream.as_slice(), t3.path(), Some(1 << 30)),
+            Err(ExportError::TooLarge { size, .. }) if size == 256 << 30
+        ));
+    }
+
+    #[test]
     fn relative_path_rules() {
         assert_eq!(relative_path(b"/a/./b"), Ok(Some(PathBuf::from("a/b"))));
         assert_eq!(relative_path(b"./"), Ok(None));
@@ -539,7 +610,7 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let big = vec![7u8; 1 << 20];
         let tar = tar_with(&[("big", tar::EntryType::Regular, &big, None)]);
-        let (sink, unpacker) = start(t.path().to_path_buf());
+        let (sink, unpacker) = start(t.path().to_path_buf(), None);
         for chunk in tar.chunks(100_000) {
             sink.send(Bytes::copy_from_slice(chunk))
                 .await

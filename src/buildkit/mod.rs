@@ -15,6 +15,11 @@
 //!    which streams the rootfs over the session's `FileSend/DiffCopy` into the unpacker
 //!    ([`export`]), and `Control.Solve` returns.
 //!
+//! Every solve carries a source policy ([`policy`]): images only from the configured registries,
+//! no other remote source unless allowed. Every build is scoped ([`BuildScope`]): its cache mounts
+//! and RUN results are its own (or its owner's), its RUN steps can run in a cgroup of its own, and
+//! `# syntax=` directives are ignored (frontend images never run).
+//!
 //! Errors are typed ([`BuildError`]); dropping a build future (or cancelling its token) cancels
 //! the solve on the daemon. This module owns the gRPC and session protocol and nothing else.
 
@@ -24,6 +29,7 @@ mod client;
 mod definition;
 mod error;
 mod export;
+pub mod policy;
 mod proto;
 mod session;
 mod status;
@@ -41,6 +47,7 @@ pub use self::client::{BuildkitClient, TlsOptions};
 pub use self::definition::DefinitionError;
 pub use self::error::{BuildError, ExportError};
 pub use self::export::{UnpackStats, unpack_tar};
+pub use self::policy::{PolicyError, RemoteSource, SourcePolicy};
 pub use self::session::auth::RegistryCredentials;
 pub use self::status::{BuildLog, FileLog, MemoryLog, NullLog};
 use crate::image::ImageConfig;
@@ -96,6 +103,46 @@ pub struct BuildRequest {
     /// holds the root filesystem with this key ([`BuiltImage::rootfs_key`]). `true` skips the
     /// export: the build returns with [`BuiltImage::exported`] false and nothing unpacked.
     pub skip_export: Option<ExportFilter>,
+    /// What the build may fetch (default: images from `127.0.0.1:5000` only).
+    pub source_policy: SourcePolicy,
+    /// Whose cache the build may use ([`BuildScope`]); `None`: BuildKit's global cache.
+    pub scope: Option<BuildScope>,
+    /// Cgroup (inside the hierarchy, e.g. `perfbox-build/runs/job-7`) under which BuildKit runs
+    /// this build's RUN steps; only honoured by a daemon started with `--oci-worker-rootless=false`.
+    pub cgroup_parent: Option<String>,
+    /// The most bytes the exported image may have (apparent size: a sparse file counts in
+    /// full); the export stops, and the build fails with [`ExportError::TooLarge`], past it.
+    pub max_image_bytes: Option<u64>,
+}
+
+/// The scope of a build's cache: a `/`-free tag (e.g. `job-7` or `owner-3fa9…`). It namespaces
+/// `RUN --mount=type=cache` ids (`BUILDKIT_CACHE_MOUNT_NS`) and is set as the hostname of every
+/// RUN step, which makes it part of every RUN step's cache key: builds of different scopes share
+/// neither cache mounts nor RUN results (BuildKit drops an explicit cache-mount id from the RUN
+/// cache key, so the namespace alone would still let a RUN result cross scopes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildScope(String);
+
+impl BuildScope {
+    /// A scope named `tag`: 1 to 63 characters of `[A-Za-z0-9-]` (it is also a hostname).
+    pub fn new(tag: &str) -> Result<Self, BuildError> {
+        let ok = !tag.is_empty()
+            && tag.len() <= 63
+            && !tag.starts_with('-')
+            && tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if ok {
+            Ok(Self(tag.to_owned()))
+        } else {
+            Err(BuildError::InvalidRequest {
+                message: format!("bad build scope {tag:?} (1-63 of A-Z a-z 0-9 -)"),
+            })
+        }
+    }
+
+    /// The tag.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// See [`BuildRequest::skip_export`].
@@ -121,8 +168,30 @@ impl BuildRequest {
             no_cache: false,
             cancel: CancellationToken::new(),
             skip_export: None,
+            source_policy: SourcePolicy::default(),
+            scope: None,
+            cgroup_parent: None,
+            max_image_bytes: None,
         }
     }
+}
+
+/// Whether `name` may be a build arg: not empty, no `=` or white space, and not `BUILDKIT_*` (any
+/// case), the names of BuildKit's own options (cache-mount namespace, syntax, hostname...), which
+/// would let a submission change how its build is isolated.
+pub fn check_build_arg_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.contains('=')
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("bad build arg name {name:?}"));
+    }
+    if name.to_ascii_uppercase().starts_with("BUILDKIT_") {
+        return Err(format!(
+            "build arg {name:?} is refused: BUILDKIT_* build args set BuildKit's own options, which perfbox sets itself"
+        ));
+    }
+    Ok(())
 }
 
 /// A finished build.

@@ -19,6 +19,13 @@ pub(crate) mod control {
     pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::{Vertex, VertexLog};
 }
 
+/// `moby.buildkit.v1.sourcepolicy` (the policy a solve carries: which sources may be fetched).
+pub(crate) mod sourcepolicy {
+    pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::sourcepolicy::{
+        MatchType, Policy, PolicyAction, Rule, Selector, Update,
+    };
+}
+
 /// `moby.buildkit.v1.frontend` (the LLBBridge gateway API, reached through the Control socket's
 /// gateway forwarder).
 pub(crate) mod gateway {

@@ -1,30 +1,39 @@
 //! Jobs: the state machine ([`state`]), the durable store ([`store`]), and the service that
-//! moves each job through it — a FIFO queue feeding a bounded pool of build slots and a
-//! separate pool of run slots, with cancellation, restart recovery and metrics.
+//! moves each job through it — a FIFO queue ([`queue`]) feeding a bounded pool of build slots (no
+//! owner holding more than its share) and a separate pool of run slots, with cancellation,
+//! restart recovery and metrics.
 //!
-//! A job's directory (`<state_dir>/jobs/<id>/`, mode 0700) holds `Dockerfile`, `build.log`,
-//! `run.log`, `config.json` (the OCI spec it ran with) and `out/` (its /data). Image root
-//! filesystems live in the shared, size-bounded [`images::ImageCache`], not in job dirs.
+//! Every build is isolated from the others and from the host: a source policy (images only from
+//! the configured registries, nothing else remote unless allowed), a cache scope (the job's own,
+//! or its owner's), a cgroup of its own for its RUN steps where the host allows, and a cap on the
+//! image it may export. What each build ran with is kept in the job record (`build`).
+//!
+//! A job's directory (`<state_dir>/jobs/<id>/`, mode 0700) holds `Dockerfile`, `build-options.json`
+//! (its build args and target), `build.log`, `run.log`, `config.json` (the OCI spec it ran with)
+//! and `out/` (its /data). Image root filesystems live in the shared, size-bounded
+//! [`images::ImageCache`], not in job dirs.
 
 pub mod images;
 pub mod metrics;
+pub mod queue;
 pub mod state;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::buildkit::{
-    BuildError, BuildLog, BuildNetwork, BuildRequest, BuildkitClient, ExportFilter, FileLog,
-    ImageBuilder,
+    BuildError, BuildLog, BuildNetwork, BuildRequest, BuildScope, BuildkitClient, ExportFilter,
+    FileLog, ImageBuilder, SourcePolicy,
 };
-use crate::config::{BuildNetworkSetting, Config};
+use crate::config::{BuildNetworkSetting, CacheScope, Config};
+use crate::sandbox::build_cgroup::{BuildCgroup, BuildCgroups, BuildLimits};
 use crate::sandbox::perf::PerfError;
 use crate::sandbox::{RunEnd, RunRequest, Sandbox};
 pub use state::JobStatus;
@@ -34,6 +43,78 @@ pub use store::{JobId, JobRecord, Patch, Store, StoreError};
 pub const BUILD_LOG: &str = "build.log";
 /// Dockerfile name in a job dir.
 pub const DOCKERFILE: &str = "Dockerfile";
+/// A job's build args and target, in its dir.
+pub const BUILD_OPTIONS: &str = "build-options.json";
+
+/// What a submission may ask of the build besides the Dockerfile.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuildOptions {
+    /// `--build-arg NAME=value` pairs (never `BUILDKIT_*`).
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    /// `--target` stage.
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+impl BuildOptions {
+    /// Refuse what BuildKit would refuse, and BuildKit's own knobs (`BUILDKIT_*` args: cache
+    /// namespace, syntax, hostname...), which are perfbox's to set.
+    pub fn validate(&self) -> Result<(), JobError> {
+        for name in self.build_args.keys() {
+            crate::buildkit::check_build_arg_name(name).map_err(JobError::InvalidRequest)?;
+        }
+        if let Some(t) = &self.target
+            && (t.is_empty()
+                || t.len() > 128
+                || t.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(JobError::InvalidRequest(format!("bad target {t:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// What a build ran with, kept in the job record (`build`) for audits.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildRecord {
+    /// The cache scope tag (`job-<id>` or `owner-<hash>`).
+    pub scope: String,
+    /// Whose cache: "job" or "owner".
+    pub cache_scope: CacheScope,
+    /// Network of RUN steps: "none" or "isolated".
+    pub network: BuildNetworkSetting,
+    /// The frontend that ran.
+    pub frontend: &'static str,
+    /// Registries images could come from.
+    pub registries: Vec<String>,
+    /// Remote sources allowed besides them.
+    pub allowed_remote_sources: Vec<String>,
+    /// Largest image the export would accept (apparent bytes).
+    pub max_image_bytes: u64,
+    /// The cgroup of the build's RUN steps, or why there was none.
+    pub cgroup: BuildCgroupRecord,
+}
+
+/// The cgroup part of a [`BuildRecord`].
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum BuildCgroupRecord {
+    /// RUN steps had a cgroup of the build's own.
+    Own {
+        /// Its path in the hierarchy.
+        path: String,
+        /// Its limits.
+        limits: BuildLimits,
+        /// Whether a RUN step ran in it (false: the build had no RUN step that was not cached).
+        used: bool,
+    },
+    /// They shared the daemon's.
+    Shared {
+        /// Why.
+        shared_with_daemon: String,
+    },
+}
 
 /// Why a submission or request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +133,9 @@ pub enum JobError {
     /// The queue is full.
     #[error("the job queue is full ({0} jobs waiting); try again later")]
     QueueFull(usize),
+    /// The submission asks for something not allowed (bad build arg, target...).
+    #[error("{0}")]
+    InvalidRequest(String),
     /// No such job (or not visible to this token).
     #[error("no job {0}")]
     NotFound(JobId),
@@ -83,9 +167,19 @@ struct Inner {
     jobs_dir: PathBuf,
     buildkit: BuildkitClient,
     sandbox: Sandbox,
-    queue: mpsc::UnboundedSender<JobId>,
-    build_slots: Arc<Semaphore>,
+    /// Jobs waiting for a build slot, and the slots in use per owner.
+    queue: Mutex<queue::BuildQueue>,
+    /// Wakes the dispatcher: a job was queued or a build slot freed.
+    wake: Notify,
     run_slots: Arc<Semaphore>,
+    /// What every build may fetch.
+    policy: SourcePolicy,
+    /// Where builds get cgroups of their own.
+    build_cgroups: BuildCgroups,
+    /// Build cgroups in use, by name (an owner-scoped one is shared by that owner's builds).
+    live_build_cgroups: Mutex<HashMap<String, Weak<BuildCgroup>>>,
+    /// This service's id (8 hex digits, kept in the state dir): part of every build scope.
+    instance: String,
     active: Mutex<HashMap<JobId, (CancellationToken, tokio::sync::watch::Receiver<bool>)>>,
     metrics: metrics::Metrics,
     images: images::ImageCache,
@@ -110,6 +204,10 @@ pub struct Health {
     pub state_dir: Result<String, String>,
     /// cgroup layout for job limits.
     pub cgroups: String,
+    /// Whether each build's RUN steps get a cgroup of their own, apart from the build daemon.
+    pub build_cgroups: String,
+    /// The source policy of every build.
+    pub build_sources: String,
 }
 
 impl JobService {
@@ -126,24 +224,46 @@ impl JobService {
         let store = Store::open(&cfg.state_dir.join("jobs.db"))?;
         let images =
             images::ImageCache::open(&cfg.state_dir.join("images"), cfg.image_cache_bytes)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let policy = cfg
+            .source_policy()
+            .map_err(|e| JobError::InvalidRequest(e.to_string()))?;
+        let build_cgroups = build_cgroups_for(&cfg, buildkit.addr());
+        let instance = instance_id(&cfg.state_dir)?;
+        tracing::info!(build_cgroups = %build_cgroups.describe(), "build isolation");
         let inner = Arc::new(Inner {
-            build_slots: Arc::new(Semaphore::new(cfg.max_concurrent_builds)),
+            queue: Mutex::new(queue::BuildQueue::new(
+                cfg.max_concurrent_builds,
+                cfg.build.max_builds_per_owner,
+            )),
+            wake: Notify::new(),
             run_slots: Arc::new(Semaphore::new(cfg.max_concurrent_runs)),
+            policy,
+            build_cgroups,
+            live_build_cgroups: Mutex::new(HashMap::new()),
+            instance,
             cfg,
             store,
             jobs_dir,
             buildkit,
             sandbox,
-            queue: tx,
             active: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
             images,
         });
         let svc = JobService { inner };
         svc.recover().await?;
-        tokio::spawn(svc.clone().dispatch(rx));
+        tokio::spawn(svc.clone().dispatch());
         Ok(svc)
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, queue::BuildQueue> {
+        self.inner.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enqueue(&self, id: JobId, submitter: &str) {
+        self.inner.metrics.enqueue();
+        self.queue().push(id, submitter);
+        self.inner.wake.notify_one();
     }
 
     /// A job that was building or running when perfbox died is marked interrupted (its
@@ -167,9 +287,8 @@ impl JobService {
                 tracing::warn!(job = id, "marked interrupted after restart");
             }
         }
-        for id in store.ids_in(JobStatus::Queued)? {
-            self.inner.metrics.enqueue();
-            let _ = self.inner.queue.send(id);
+        for (id, submitter) in store.queued()? {
+            self.enqueue(id, &submitter);
         }
         Ok(())
     }
@@ -184,13 +303,17 @@ impl JobService {
         &self.inner.cfg
     }
 
-    /// Accept a Dockerfile: validate, record, queue. Never waits for the build.
+    /// Accept a Dockerfile from `submitter` (the owner, or the client's address without tokens:
+    /// whose share of build slots it uses): validate, record, queue. Never waits for the build.
     pub fn submit(
         &self,
         filename: &str,
         dockerfile: &[u8],
         owner: Owner,
+        submitter: &str,
+        options: &BuildOptions,
     ) -> Result<JobRecord, JobError> {
+        options.validate()?;
         let max = self.inner.cfg.max_dockerfile_bytes;
         if dockerfile.len() > max {
             return Err(JobError::TooLarge {
@@ -217,11 +340,18 @@ impl JobService {
         }
         let filename = sanitize_filename(filename);
         let sha = hex::encode(Sha256::digest(dockerfile));
-        let rec = self.inner.store.insert(&filename, owner.as_deref(), &sha)?;
+        let rec = self
+            .inner
+            .store
+            .insert(&filename, owner.as_deref(), submitter, &sha)?;
         let dir = self.job_dir(rec.id);
         let written = (|| {
             std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join(DOCKERFILE), dockerfile)
+            std::fs::write(dir.join(DOCKERFILE), dockerfile)?;
+            std::fs::write(
+                dir.join(BUILD_OPTIONS),
+                serde_json::to_vec(options).map_err(std::io::Error::other)?,
+            )
         })();
         if let Err(e) = written {
             let _ = self.inner.store.transition(
@@ -234,8 +364,7 @@ impl JobService {
             );
             return Err(e.into());
         }
-        self.inner.metrics.enqueue();
-        let _ = self.inner.queue.send(rec.id);
+        self.enqueue(rec.id, submitter);
         Ok(rec)
     }
 
@@ -309,7 +438,10 @@ impl JobService {
                         ..Default::default()
                     },
                 ) {
-                    Ok(_) => self.inner.metrics.dequeue(),
+                    Ok(_) => {
+                        self.inner.metrics.dequeue();
+                        self.queue().remove(id);
+                    }
                     // It started meanwhile: cancel the running work instead.
                     Err(StoreError::IncorrectStatus { .. }) => {
                         return Box::pin(self.cancel(id, owner)).await;
@@ -355,27 +487,76 @@ impl JobService {
             .and_then(|_| std::fs::remove_file(&probe))
             .map(|_| self.inner.cfg.state_dir.display().to_string())
             .map_err(|e| format!("{}: {e}", self.inner.cfg.state_dir.display()));
+        let policy = &self.inner.policy;
         Health {
             ok: buildkit.is_ok() && runtime.is_ok() && state_dir.is_ok(),
             buildkit,
             runtime,
             state_dir,
             cgroups: self.inner.sandbox.cgroups().version().to_string(),
+            build_cgroups: self.inner.build_cgroups.describe(),
+            build_sources: format!(
+                "images only from {}; other remote sources: {}",
+                policy.registries().join(", "),
+                if policy.remote_sources().is_empty() {
+                    "none".to_string()
+                } else {
+                    policy
+                        .remote_sources()
+                        .iter()
+                        .map(|r| r.pattern())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ),
         }
     }
 
-    /// FIFO: each queued job waits for a build slot in submission order.
-    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<JobId>) {
-        while let Some(id) = rx.recv().await {
-            let Ok(permit) = self.inner.build_slots.clone().acquire_owned().await else {
-                return;
-            };
-            let svc = self.clone();
-            tokio::spawn(async move { svc.process(id, permit).await });
+    /// Starts each queued job once a build slot is free for it ([`queue::BuildQueue`]: FIFO, no
+    /// owner over its share).
+    async fn dispatch(self) {
+        loop {
+            loop {
+                let next = self.queue().start_next();
+                let Some((id, owner)) = next else { break };
+                let slot = BuildSlot {
+                    svc: self.clone(),
+                    owner,
+                };
+                tokio::spawn(self.clone().process(id, slot));
+            }
+            self.inner.wake.notified().await;
         }
     }
 
-    async fn process(self, id: JobId, build_permit: tokio::sync::OwnedSemaphorePermit) {
+    /// The cgroup for a build in `scope` (shared by the concurrent builds of one scope), if the
+    /// host gives builds cgroups of their own.
+    fn build_cgroup(&self, scope: &str) -> Result<Option<Arc<BuildCgroup>>, String> {
+        let mut live = self
+            .inner
+            .live_build_cgroups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        live.retain(|_, w| w.strong_count() > 0);
+        if let Some(cg) = live.get(scope).and_then(Weak::upgrade) {
+            return Ok(Some(cg));
+        }
+        let limits = BuildLimits {
+            memory_bytes: self.inner.cfg.build.memory_bytes,
+            pids: self.inner.cfg.build.pids,
+        };
+        match self.inner.build_cgroups.create(scope, limits) {
+            Ok(Some(cg)) => {
+                let cg = Arc::new(cg);
+                live.insert(scope.to_owned(), Arc::downgrade(&cg));
+                Ok(Some(cg))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn process(self, id: JobId, build_permit: BuildSlot) {
         let token = CancellationToken::new();
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         // Register before leaving `queued`, so a DELETE sees either queued or this token.
@@ -389,10 +570,14 @@ impl JobService {
             .store
             .transition(id, JobStatus::Building, Patch::default())
         {
-            Ok(_) => {
+            Ok(rec) => {
                 self.inner.metrics.dequeue();
                 let dir = self.job_dir(id);
-                let (status, patch) = self.build_and_run(id, &dir, build_permit, &token).await;
+                let mut build = None;
+                let (status, mut patch) = self
+                    .build_and_run(&rec, &dir, build_permit, &token, &mut build)
+                    .await;
+                patch.build = build.and_then(|b| serde_json::to_value(b).ok());
                 if let Err(e) = self.inner.store.transition(id, status, patch) {
                     tracing::error!(job = id, error = %e, "could not record the job's end");
                 }
@@ -408,13 +593,31 @@ impl JobService {
         let _ = done_tx.send(true);
     }
 
+    /// The build scope tag of a job: its own, or its owner's ([`CacheScope`]).
+    ///
+    /// The tag ends with this service's instance id: services sharing one build daemon (and its
+    /// cgroup parent) number their jobs independently, and must never share a scope.
+    fn scope_tag(&self, rec: &JobRecord) -> String {
+        let instance = &self.inner.instance;
+        match self.inner.cfg.build.cache_scope {
+            CacheScope::Job => format!("job-{}-{instance}", rec.id),
+            CacheScope::Owner => {
+                let who = rec.submitter.as_deref().unwrap_or("anonymous");
+                let who = &hex::encode(Sha256::digest(who.as_bytes()))[..16];
+                format!("owner-{who}-{instance}")
+            }
+        }
+    }
+
     async fn build_and_run(
         &self,
-        id: JobId,
+        rec: &JobRecord,
         dir: &Path,
-        build_permit: tokio::sync::OwnedSemaphorePermit,
+        build_permit: BuildSlot,
         token: &CancellationToken,
+        record: &mut Option<BuildRecord>,
     ) -> (JobStatus, Patch) {
+        let id = rec.id;
         let fail = |status: JobStatus, error: String| {
             (
                 status,
@@ -444,11 +647,47 @@ impl JobService {
                 );
             }
         };
+        let options: BuildOptions = std::fs::read(dir.join(BUILD_OPTIONS))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         let sha = hex::encode(Sha256::digest(&dockerfile));
+        let scope = self.scope_tag(rec);
+        let build_scope = match BuildScope::new(&scope) {
+            Ok(s) => s,
+            Err(e) => return fail(JobStatus::BuildFailed, e.to_string()),
+        };
+        let policy = &self.inner.policy;
+        let mut build_record = BuildRecord {
+            scope: scope.clone(),
+            cache_scope: cfg.build.cache_scope,
+            network: cfg.build_network,
+            frontend: "dockerfile.v0 (BuildKit's built-in Dockerfile frontend; # syntax= directives are ignored)",
+            registries: policy.registries().to_vec(),
+            allowed_remote_sources: policy
+                .remote_sources()
+                .iter()
+                .map(|r| r.pattern().to_owned())
+                .collect(),
+            max_image_bytes: cfg.build.max_image_bytes,
+            cgroup: BuildCgroupRecord::Shared {
+                shared_with_daemon: match &self.inner.build_cgroups {
+                    BuildCgroups::Unavailable { reason } => reason.clone(),
+                    _ => "not created yet".into(),
+                },
+            },
+        };
+        // An identical Dockerfile of the same scope (with the owner scope: the same owner) may
+        // reuse its image without a build; with the job scope nothing is shared.
+        let alias_key = (cfg.build.cache_scope == CacheScope::Owner
+            && options == BuildOptions::default())
+        .then(|| hex::encode(Sha256::digest(format!("{scope}\n{sha}").as_bytes())));
+        let cached = alias_key
+            .as_deref()
+            .and_then(|k| self.inner.images.lookup_alias(k));
         let started = Instant::now();
-        let (config, lease, built_patch) = if let Some((alias, lease)) =
-            self.inner.images.lookup_alias(&sha)
-        {
+        let (config, lease, built_patch) = if let Some((alias, lease)) = cached {
+            *record = Some(build_record.clone());
             log.line(&format!(
                 "perfbox: an identical Dockerfile was built before; reusing its cached image (rootfs {}, config {}) without calling BuildKit",
                 alias.rootfs_key,
@@ -468,6 +707,31 @@ impl JobService {
                 BuildNetworkSetting::Isolated => BuildNetwork::Sandbox,
             };
             req.cancel = token.child_token();
+            req.build_args = options.build_args.clone();
+            req.target = options.target.clone();
+            req.source_policy = policy.clone();
+            req.scope = Some(build_scope);
+            req.max_image_bytes = Some(cfg.build.max_image_bytes);
+            // RUN steps in a cgroup of this build's scope, with the build's limits.
+            let cgroup = match self.build_cgroup(&scope) {
+                Ok(cg) => cg,
+                Err(e) => {
+                    *record = Some(build_record);
+                    return fail(
+                        JobStatus::BuildFailed,
+                        format!("cannot prepare the build's cgroup: {e}"),
+                    );
+                }
+            };
+            if let Some(cg) = &cgroup {
+                req.cgroup_parent = Some(cg.frontend_parent().to_owned());
+                build_record.cgroup = BuildCgroupRecord::Own {
+                    path: format!("/{}", cg.frontend_parent()),
+                    limits: cg.limits(),
+                    used: false,
+                };
+            }
+            *record = Some(build_record);
             // After the solve, before the export: if the cache holds this rootfs, lease it
             // (so it cannot be evicted) and skip the export.
             let reused: Arc<Mutex<Option<images::Lease>>> = Arc::new(Mutex::new(None));
@@ -489,16 +753,39 @@ impl JobService {
             }
             let build = self.inner.buildkit.build_image(req, log.clone());
             let outcome = tokio::select! {
-                r = tokio::time::timeout(timeout, build) => r,
-                low = disk_guard(watched, cfg.min_free_disk_bytes) => {
+                r = tokio::time::timeout(timeout, build) => Ok(r),
+                low = disk_guard(watched, cfg.min_free_disk_bytes) => Err(low),
+            };
+            // Evidence for the record that the daemon ran RUN steps in the build's cgroup.
+            if let (
+                Some(cg),
+                Some(BuildRecord {
+                    cgroup: BuildCgroupRecord::Own { used, .. },
+                    ..
+                }),
+            ) = (&cgroup, record.as_mut())
+            {
+                *used = cg.used();
+            }
+            drop(cgroup);
+            let outcome = match outcome {
+                Ok(r) => r,
+                Err(low) => {
                     let _ = std::fs::remove_dir_all(&staging);
                     log.line(&format!("perfbox: build stopped: {low}"));
                     // The stopped step's snapshot stays in BuildKit's cache: give the space back.
                     match self.inner.buildkit.prune().await {
-                        Ok(freed) => log.line(&format!("perfbox: pruned {freed} bytes of unused BuildKit cache")),
-                        Err(e) => log.line(&format!("perfbox: could not prune BuildKit's cache: {e}")),
+                        Ok(freed) => log.line(&format!(
+                            "perfbox: pruned {freed} bytes of unused BuildKit cache"
+                        )),
+                        Err(e) => {
+                            log.line(&format!("perfbox: could not prune BuildKit's cache: {e}"))
+                        }
                     }
-                    return fail(JobStatus::BuildFailed, format!("the build was stopped: {low}"));
+                    return fail(
+                        JobStatus::BuildFailed,
+                        format!("the build was stopped: {low}"),
+                    );
                 }
             };
             let built = match outcome {
@@ -552,14 +839,16 @@ impl JobService {
                     }
                 }
             };
-            self.inner.images.set_alias(
-                &sha,
-                &images::Alias {
-                    rootfs_key: lease.key().to_string(),
-                    config: built.config.clone(),
-                    config_digest: built.config_digest.clone(),
-                },
-            );
+            if let Some(key) = &alias_key {
+                self.inner.images.set_alias(
+                    key,
+                    &images::Alias {
+                        rootfs_key: lease.key().to_string(),
+                        config: built.config.clone(),
+                        config_digest: built.config_digest.clone(),
+                    },
+                );
+            }
             let patch = Patch {
                 image_digest: built.config_digest.clone(),
                 cached_steps: Some(built.cached_steps as i64),
@@ -576,6 +865,9 @@ impl JobService {
             p = self.inner.run_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return fail(JobStatus::Interrupted, "perfbox is shutting down".into()) },
             _ = token.cancelled() => return fail(JobStatus::Cancelled, "cancelled by request before the run".into()),
         };
+        // What the build ran with is known now: visible while the job runs, not only at its end.
+        let mut built_patch = built_patch;
+        built_patch.build = record.as_ref().and_then(|b| serde_json::to_value(b).ok());
         if let Err(e) = self
             .inner
             .store
@@ -688,6 +980,52 @@ impl JobService {
         patch.error = error;
         (status, patch)
     }
+}
+
+/// A build slot [`queue::BuildQueue::start_next`] handed out; given back (and the dispatcher woken)
+/// when dropped.
+struct BuildSlot {
+    svc: JobService,
+    owner: String,
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        self.svc.queue().release(&self.owner);
+        self.svc.inner.wake.notify_one();
+    }
+}
+
+/// This service's instance id: 8 random hex digits made once and kept in `<state_dir>/instance`.
+fn instance_id(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join("instance");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if id.trim().len() == 8 && id.trim().chars().all(|c| c.is_ascii_hexdigit()) => {
+            Ok(id.trim().to_owned())
+        }
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+            std::fs::write(&path, &id)?;
+            Ok(id)
+        }
+    }
+}
+
+/// Where this service's builds get cgroups of their own: only with a local daemon that perfbox's
+/// setup started (`--oci-worker-rootless=false`), never the networked one (it keeps BuildKit's
+/// rootless mode) nor a remote one.
+fn build_cgroups_for(cfg: &Config, addr: &str) -> BuildCgroups {
+    if cfg.build_network == BuildNetworkSetting::Isolated {
+        return BuildCgroups::Unavailable {
+            reason: "networked builds (build_network = \"isolated\") run on buildkitd-net, which keeps RUN steps in its own cgroup".into(),
+        };
+    }
+    if addr.starts_with("tcp://") {
+        return BuildCgroups::Unavailable {
+            reason: format!("the build daemon is remote ({addr}): its host places RUN steps"),
+        };
+    }
+    BuildCgroups::detect(&cfg.build.cgroup_parent, nix::unistd::geteuid().as_raw())
 }
 
 impl JobService {

@@ -63,6 +63,13 @@ pub struct JobRecord {
     /// filesystem was already in perfbox's image cache: no export — e.g. only CMD changed), or
     /// "miss" (built and exported).
     pub image_cache: Option<String>,
+    /// What the build ran with: cache scope, network, frontend, source policy, image size cap,
+    /// and the cgroup of its RUN steps (JSON, see [`super::BuildRecord`]).
+    pub build: Option<serde_json::Value>,
+    /// Whose share of build slots the job used: the owner, or the client's address without
+    /// tokens (not shown: it may be another user's address).
+    #[serde(skip)]
+    pub submitter: Option<String>,
 }
 
 /// Fields a transition may set.
@@ -90,6 +97,8 @@ pub struct Patch {
     pub oom_killed: Option<bool>,
     /// image_cache
     pub image_cache: Option<String>,
+    /// build
+    pub build: Option<serde_json::Value>,
 }
 
 /// Store errors.
@@ -143,7 +152,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     limits TEXT,
     exit_code INTEGER,
     oom_killed INTEGER,
-    image_cache TEXT
+    image_cache TEXT,
+    build TEXT,
+    submitter TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
@@ -151,7 +162,7 @@ CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
 
 const COLUMNS: &str = "id, filename, owner, status, error, perf, dockerfile_sha256, created_at, build_started_at, \
     build_finished_at, run_started_at, finished_at, image_digest, cached_steps, total_steps, runtime, cgroup, limits, \
-    exit_code, oom_killed, image_cache";
+    exit_code, oom_killed, image_cache, build, submitter";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let status: String = r.get(3)?;
@@ -178,6 +189,10 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
         exit_code: r.get(18)?,
         oom_killed: r.get::<_, Option<i64>>(19)?.map(|v| v != 0),
         image_cache: r.get(20)?,
+        build: r
+            .get::<_, Option<String>>(21)?
+            .and_then(|b| serde_json::from_str(&b).ok()),
+        submitter: r.get(22)?,
     })
 }
 
@@ -195,12 +210,14 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        // Databases created before the image cache existed lack its column.
-        let has_image_cache: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'image_cache'")?
-            .exists([])?;
-        if !has_image_cache {
-            conn.execute_batch("ALTER TABLE jobs ADD COLUMN image_cache TEXT")?;
+        // Databases made by older versions lack the later columns.
+        for column in ["image_cache", "build", "submitter"] {
+            let has: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")?
+                .exists([column])?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} TEXT"))?;
+            }
         }
         Ok(Self {
             conn: Mutex::new(conn),
@@ -216,12 +233,13 @@ impl Store {
         &self,
         filename: &str,
         owner: Option<&str>,
+        submitter: &str,
         sha256: &str,
     ) -> Result<JobRecord, StoreError> {
         let conn = self.lock();
         conn.execute(
-            "INSERT INTO jobs (filename, owner, status, dockerfile_sha256, created_at) VALUES (?1, ?2, 'queued', ?3, ?4)",
-            params![filename, owner, sha256, now()],
+            "INSERT INTO jobs (filename, owner, submitter, status, dockerfile_sha256, created_at) VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+            params![filename, owner, submitter, sha256, now()],
         )?;
         let id = conn.last_insert_rowid();
         Ok(conn.query_row(
@@ -284,6 +302,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Queued jobs, oldest first, with their submitters.
+    pub fn queued(&self) -> Result<Vec<(JobId, String)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, coalesce(submitter, owner, 'anonymous') FROM jobs WHERE status = 'queued' ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Jobs per status.
     pub fn counts(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
         let conn = self.lock();
@@ -341,11 +369,13 @@ impl Store {
             )?;
         }
         let limits = patch.limits.map(|l| l.to_string());
+        let build = patch.build.map(|b| b.to_string());
         tx.execute(
             "UPDATE jobs SET error = coalesce(?2, error), perf = coalesce(?3, perf), image_digest = coalesce(?4, image_digest),
              cached_steps = coalesce(?5, cached_steps), total_steps = coalesce(?6, total_steps), runtime = coalesce(?7, runtime),
              cgroup = coalesce(?8, cgroup), limits = coalesce(?9, limits), exit_code = coalesce(?10, exit_code),
-             oom_killed = coalesce(?11, oom_killed), image_cache = coalesce(?12, image_cache) WHERE id = ?1",
+             oom_killed = coalesce(?11, oom_killed), image_cache = coalesce(?12, image_cache),
+             build = coalesce(?13, build) WHERE id = ?1",
             params![
                 id,
                 patch.error,
@@ -358,7 +388,8 @@ impl Store {
                 limits,
                 patch.exit_code,
                 patch.oom_killed.map(i64::from),
-                patch.image_cache
+                patch.image_cache,
+                build
             ],
         )?;
         let rec = tx.query_row(
@@ -380,8 +411,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
         let store = Store::open(&path).unwrap();
-        let a = store.insert("a.Dockerfile", None, "abc").unwrap();
-        let b = store.insert("b.Dockerfile", Some("alice"), "def").unwrap();
+        let a = store
+            .insert("a.Dockerfile", None, "addr:127.0.0.1", "abc")
+            .unwrap();
+        let b = store
+            .insert("b.Dockerfile", Some("alice"), "alice", "def")
+            .unwrap();
+        assert_eq!(b.submitter.as_deref(), Some("alice"));
         assert_eq!((a.id, b.id, a.status), (1, 2, JobStatus::Queued));
         assert_eq!(store.queue_position(b.id).unwrap(), 1);
         store
@@ -428,7 +464,11 @@ mod tests {
         assert_eq!(store.get(a.id).unwrap().unwrap().perf, Some(0.5));
         assert_eq!(store.list(Some("alice"), None, 10).unwrap().len(), 1);
         assert_eq!(store.list(None, None, 10).unwrap().len(), 2);
-        assert_eq!(store.insert("c", None, "x").unwrap().id, 3);
+        assert_eq!(store.insert("c", None, "addr:10.0.0.1", "x").unwrap().id, 3);
         assert_eq!(store.ids_in(JobStatus::Queued).unwrap(), vec![2, 3]);
+        assert_eq!(
+            store.queued().unwrap(),
+            vec![(2, "alice".to_owned()), (3, "addr:10.0.0.1".to_owned())]
+        );
     }
 }

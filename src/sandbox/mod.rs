@@ -17,6 +17,7 @@
 //!    state dir — on every path, including a dropped future (a guard does it synchronously).
 //! 7. Read `/data/perf.json` with [`perf::read_perf`].
 
+pub mod build_cgroup;
 pub mod cgroups;
 pub mod idmap;
 pub mod image_user;

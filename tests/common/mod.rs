@@ -11,32 +11,119 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The unprivileged user setup creates.
-pub const PERFBOX_USER: &str = "perfbox";
-/// perfbox's state dir (0755, owned by perfbox): test dirs live below it so perfbox can reach them.
-pub const STATE: &str = "/var/lib/perfbox";
+/// A setting of the setup under test: the `PERFBOX_*` variable scripts/test exports (a CI run
+/// from nothing uses its own user, directories, registry and cgroups), else the default of
+/// scripts/lib/common.sh.
+fn setting(var: &'static str, default: &'static str) -> &'static str {
+    static CACHE: std::sync::Mutex<Vec<(&'static str, &'static str)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap();
+    if let Some((_, v)) = cache.iter().find(|(k, _)| *k == var) {
+        return v;
+    }
+    let v: &'static str = match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Box::leak(v.into_boxed_str()),
+        _ => default,
+    };
+    cache.push((var, v));
+    v
+}
+
+/// The unprivileged user setup creates (`PERFBOX_USER`).
+pub fn user() -> &'static str {
+    setting("PERFBOX_USER", "perfbox")
+}
+
+/// perfbox's state dir (0755, owned by the user): test dirs live below it so the user can reach
+/// them (`PERFBOX_STATE`).
+pub fn state() -> &'static Path {
+    Path::new(setting("PERFBOX_STATE", "/var/lib/perfbox"))
+}
+
+/// perfbox's run dir, where the daemons' sockets are (`PERFBOX_RUN`).
+pub fn run_dir() -> &'static Path {
+    Path::new(setting("PERFBOX_RUN", "/run/perfbox"))
+}
+
 /// The rootless buildkitd socket.
-pub const BUILDKIT_SOCKET: &str = "/run/perfbox/buildkit/buildkitd.sock";
+pub fn buildkit_socket() -> String {
+    run_dir()
+        .join("buildkit/buildkitd.sock")
+        .display()
+        .to_string()
+}
+
+/// The networked buildkitd's socket (scripts/buildkitd-net).
+pub fn buildkit_net_socket() -> String {
+    run_dir()
+        .join("buildkit-net/buildkitd.sock")
+        .display()
+        .to_string()
+}
+
+/// The loopback registry of base images, `host:port` (`PERFBOX_REGISTRY`).
+pub fn registry() -> &'static str {
+    setting("PERFBOX_REGISTRY", "127.0.0.1:5000")
+}
+
+/// The registry's port.
+pub fn registry_port() -> u16 {
+    registry().rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// The name of perfbox's cgroups (`PERFBOX_CGROUP`): jobs under `/<name>`, builds under
+/// `/<name>-build`.
+pub fn cgroup_name() -> &'static str {
+    setting("PERFBOX_CGROUP", "perfbox")
+}
+
+/// The parent cgroup of job cgroups, as perfbox's `cgroup_parent` option spells it.
+pub fn cgroup_parent() -> String {
+    format!("/{}", cgroup_name())
+}
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Fail loudly (not skip) when the environment that setup provides is missing.
 pub fn require_setup() {
     assert!(
-        nix::unistd::User::from_name(PERFBOX_USER)
+        nix::unistd::User::from_name(user())
             .ok()
             .flatten()
             .is_some(),
-        "user {PERFBOX_USER} missing: run `sudo scripts/setup` first (README, Quick start)"
+        "user {} missing: run `sudo scripts/setup` first (README, Quick start)",
+        user()
     );
 }
 
-/// A fresh directory under /var/lib/perfbox/test, removed on drop.
+/// Wait until the buildkitd at `socket` answers (`buildctl debug workers`), for up to 60 s: a
+/// test that needs the daemon checks it first, so a daemon that another test restarted, or that
+/// is missing, gives a clear message instead of "connection refused" in the middle of a test.
+pub fn require_buildkitd(socket: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = Command::new("buildctl")
+            .args(["--addr", &format!("unix://{socket}"), "debug", "workers"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => return,
+            Ok(o) if std::time::Instant::now() >= deadline => panic!(
+                "buildkitd on {socket} does not answer after 60 s (scripts/setup starts it; see {}/logs/buildkitd.log): {}",
+                state().display(),
+                first_error_line(&String::from_utf8_lossy(&o.stderr))
+            ),
+            Err(e) => panic!("cannot run buildctl (scripts/setup installs it): {e}"),
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(250)),
+        }
+    }
+}
+
+/// A fresh directory under the state dir's test/, removed on drop.
 pub struct TestDir(pub PathBuf);
 
 impl TestDir {
     pub fn new(tag: &str) -> Self {
-        let base = Path::new(STATE).join("test");
+        let base = state().join("test");
         std::fs::create_dir_all(&base).unwrap();
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -61,7 +148,7 @@ impl Drop for TestDir {
 pub fn busybox_rootfs() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let root = Path::new(STATE)
+        let root = state()
             .join("test")
             .join(format!("rootfs-busybox-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -99,7 +186,7 @@ pub fn busybox_rootfs() -> PathBuf {
         .unwrap();
         std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
         let st = Command::new("chown")
-            .args(["-R", PERFBOX_USER])
+            .args(["-R", user()])
             .arg(&root)
             .status()
             .unwrap();
@@ -111,7 +198,7 @@ pub fn busybox_rootfs() -> PathBuf {
 
 /// Remove the shared rootfs at the end of a test binary.
 pub fn remove_busybox_rootfs() {
-    let root = Path::new(STATE)
+    let root = state()
         .join("test")
         .join(format!("rootfs-busybox-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(root);
@@ -135,6 +222,41 @@ pub fn processes_with(marker: &str) -> Vec<u32> {
         }
     }
     found
+}
+
+/// The main buildkitd of the setup under test (not the networked one, not rootlesskit).
+pub fn main_buildkitd_pids() -> Vec<i32> {
+    let config = state()
+        .join("buildkit/buildkitd.toml")
+        .display()
+        .to_string();
+    let mut pids = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        // (A child it forked has the same name and command line until it execs: not the daemon.)
+        let parent_comm = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)
+                    .map(str::to_owned)
+            })
+            .and_then(|ppid| std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok())
+            .unwrap_or_default();
+        if comm.trim() == "buildkitd" && cmd.contains(&config) && parent_comm.trim() != "buildkitd"
+        {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Whether the host has the unified cgroup v2 hierarchy.
@@ -181,18 +303,11 @@ pub fn first_error_line(text: &str) -> String {
 /// XDG_RUNTIME_DIR and no NOTIFY_SOCKET.
 pub fn as_perfbox(argv: &[&str]) -> Command {
     let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid",
-        PERFBOX_USER,
-        "--regid",
-        PERFBOX_USER,
-        "--init-groups",
-        "--",
-    ])
-    .args(argv)
-    .env("XDG_RUNTIME_DIR", "/tmp")
-    .env_remove("NOTIFY_SOCKET")
-    .stdin(std::process::Stdio::null());
+    c.args(["--reuid", user(), "--regid", user(), "--init-groups", "--"])
+        .args(argv)
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null());
     c
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{PERFBOX_USER, TestDir};
+use super::{TestDir, user};
 
 pub struct Service {
     binary: PathBuf,
@@ -18,6 +18,8 @@ pub struct Service {
     /// Its test dir (state/ and service.log inside).
     pub dir: TestDir,
     env: Vec<(String, String)>,
+    /// A config file for `perfbox serve --config`, if any.
+    config: Option<PathBuf>,
 }
 
 pub fn free_port() -> u16 {
@@ -33,11 +35,30 @@ impl Service {
         Self::start_with(env!("CARGO_BIN_EXE_perfbox").into(), tag, env)
     }
 
+    /// Start one with `config` (TOML) as its config file, then `env` on top.
+    pub fn start_config(tag: &str, config: &str, env: &[(&str, &str)]) -> Service {
+        Self::start_inner(env!("CARGO_BIN_EXE_perfbox").into(), tag, env, Some(config))
+    }
+
     /// Start a given perfbox binary (benchmarks use the release build).
     pub fn start_with(binary: PathBuf, tag: &str, env: &[(&str, &str)]) -> Service {
+        Self::start_inner(binary, tag, env, None)
+    }
+
+    fn start_inner(
+        binary: PathBuf,
+        tag: &str,
+        env: &[(&str, &str)],
+        config: Option<&str>,
+    ) -> Service {
         let dir = TestDir::new(tag);
+        let config = config.map(|text| {
+            let path = dir.path().join("config.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
         let st = Command::new("chown")
-            .args(["-R", PERFBOX_USER])
+            .args(["-R", user()])
             .arg(dir.path())
             .status()
             .unwrap();
@@ -51,6 +72,7 @@ impl Service {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            config,
         };
         s.spawn();
         s
@@ -67,31 +89,45 @@ impl Service {
             .open(self.dir.path().join("service.log"))
             .unwrap();
         let mut cmd = Command::new("setpriv");
-        cmd.args([
-            "--reuid",
-            PERFBOX_USER,
-            "--regid",
-            PERFBOX_USER,
-            "--init-groups",
-            "--",
-        ])
-        .arg(&self.binary)
-        .args([
-            "serve",
-            "--bind",
-            &format!("127.0.0.1:{}", self.port),
-            "--state-dir",
-        ])
-        .arg(self.state())
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-        .env("RUST_LOG", "perfbox=debug")
-        .env("PERFBOX_RUN_TIMEOUT_SECS", "8")
-        .env("PERFBOX_MEMORY_BYTES", "134217728")
-        .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+        cmd.args(["--reuid", user(), "--regid", user(), "--init-groups", "--"])
+            .arg(&self.binary)
+            .args([
+                "serve",
+                "--bind",
+                &format!("127.0.0.1:{}", self.port),
+                "--state-dir",
+            ])
+            .arg(self.state())
+            .args(
+                self.config
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]),
+            )
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("RUST_LOG", "perfbox=debug")
+            .env("PERFBOX_RUN_TIMEOUT_SECS", "8")
+            .env("PERFBOX_MEMORY_BYTES", "134217728")
+            // The setup under test (its daemon, cgroups and BuildKit root), as scripts/services
+            // passes them to the service it runs.
+            .env(
+                "PERFBOX_BUILDKIT_ADDR",
+                format!("unix://{}", super::buildkit_socket()),
+            )
+            .env("PERFBOX_CGROUP_PARENT", super::cgroup_parent())
+            .env(
+                "PERFBOX_BUILD_CGROUP_PARENT",
+                format!("{}-build/runs", super::cgroup_parent()),
+            )
+            .env("PERFBOX_REGISTRIES", super::registry())
+            .env(
+                "PERFBOX_BUILDKIT_ROOT",
+                super::state().join("buildkit/root"),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         let child = cmd.spawn().unwrap();
         SPAWNED
             .lock()
@@ -250,9 +286,10 @@ fn reachable_copy(binary: &std::path::Path) -> PathBuf {
     if let Some((_, copy)) = copies.iter().find(|(b, _)| b == binary) {
         return copy.clone();
     }
-    let dir = std::path::Path::new(super::STATE)
-        .join("test")
-        .join(format!("bin-{}-{}", std::process::id(), copies.len()));
+    let dir =
+        super::state()
+            .join("test")
+            .join(format!("bin-{}-{}", std::process::id(), copies.len()));
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("perfbox");
     std::fs::copy(binary, &copy).unwrap();
