@@ -65,9 +65,11 @@ pub struct BuildIsolation {
     pub memory_bytes: u64,
     /// Process limit of one build's RUN steps (cgroup pids.max).
     pub pids: u64,
-    /// Largest image a build may export (apparent size): the export stops and the job fails
-    /// past it.
+    /// Largest image a build may export (apparent size), and most disk its RUN steps may fill
+    /// while it runs: the build stops and the job fails past it.
     pub max_image_bytes: u64,
+    /// Most files and directories a build's RUN steps may create, and its image may hold.
+    pub max_image_files: u64,
     /// Build slots one owner (token, or client address without tokens) may hold at once.
     pub max_builds_per_owner: usize,
 }
@@ -82,6 +84,7 @@ impl Default for BuildIsolation {
             memory_bytes: 2 << 30,
             pids: 512,
             max_image_bytes: 8 << 30,
+            max_image_files: 1_000_000,
             max_builds_per_owner: 1,
         }
     }

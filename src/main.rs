@@ -71,6 +71,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// (internal) Print the allocated bytes and entries below DIR: how the service measures what
+    /// a build's RUN steps wrote, run inside the build daemon's user namespace.
+    #[command(hide = true)]
+    MeasureTree {
+        /// The directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -135,6 +142,12 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::MeasureTree { dir } => {
+            let u = perfbox::sandbox::build_writes::measure_tree(&dir)
+                .with_context(|| format!("cannot measure {}", dir.display()))?;
+            println!("{} {}", u.bytes, u.entries);
+            Ok(())
+        }
         Command::Submit {
             dockerfile,
             wait,

@@ -423,6 +423,74 @@ fn sparse_giant_is_refused_at_export() -> Result<(), Failed> {
     Ok(())
 }
 
+fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
+    let max = 256u64 << 20;
+    let s = service(
+        "iso-writer",
+        &format!("[build]\nmax_image_bytes = {max}\nmax_image_files = 5000\n"),
+        &[],
+    );
+    let before = free_bytes();
+    let lowest = Arc::new(AtomicU64::new(before));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (lowest, done) = (lowest.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                lowest.fetch_min(free_bytes(), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // Real blocks, written until the disk is full unless something stops it; as another user
+    // (a subuid), in a directory the service's own uid cannot read.
+    let writer = format!(
+        "FROM busybox\nRUN echo {}; mkdir /hide && chown 1000 /hide && chmod 700 /hide\n\
+         USER 1000\nRUN i=0; while :; do head -c 8388608 /dev/zero > /hide/f$i; i=$((i+1)); done\n",
+        nonce()
+    );
+    let id = submit_ok(&s, MALLORY, &writer);
+    let beside = ordinary_job_beside(&s);
+    let v = wait_as(&s, MALLORY, id, Duration::from_secs(180));
+    join(beside)?;
+    done.store(true, Ordering::SeqCst);
+    let _ = sampler.join();
+    assert_eq!(v["status"], "build_failed", "{v}");
+    let err = v["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("the build was stopped: its RUN steps wrote")
+            && err.contains("max_image_bytes"),
+        "{err}"
+    );
+    let drop = before.saturating_sub(lowest.load(Ordering::SeqCst));
+    eprintln!(
+        "  free disk dropped by at most {} MB (limit {} MB)",
+        drop >> 20,
+        max >> 20
+    );
+    assert!(drop < max + (1 << 30), "free disk dropped by {drop} bytes");
+    // Many small files: stopped by the file count.
+    let files = format!(
+        "FROM busybox\nRUN echo {}; mkdir /m; i=0; while :; do : > /m/f$i; i=$((i+1)); done\n",
+        nonce()
+    );
+    let v = wait_as(
+        &s,
+        MALLORY,
+        submit_ok(&s, MALLORY, &files),
+        Duration::from_secs(180),
+    );
+    assert_eq!(v["status"], "build_failed", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("max_image_files"),
+        "{v}"
+    );
+    Ok(())
+}
+
 // ---- 4. no cache crosses between jobs ----------------------------------------------------------------
 
 /// A Dockerfile whose perf says what the cache mount `id=shared` held: 1 = mallory's plant,
@@ -662,6 +730,10 @@ fn main() {
         Trial::test(
             "sparse_256g_file_is_refused_at_export",
             sparse_giant_is_refused_at_export,
+        ),
+        bomb(
+            "run_step_disk_writer_is_stopped_at_its_limit",
+            run_step_disk_writer_is_stopped,
         ),
         Trial::test(
             "cache_mounts_stay_in_their_job_secrets_get_nothing",

@@ -59,7 +59,7 @@ debian_mirror() {
 render() {
   sed -e "s#@STATE@#$PERFBOX_STATE#g" -e "s#@RUN@#$PERFBOX_RUN#g" \
     -e "s#@REGISTRY@#$PERFBOX_REGISTRY#g" -e "s#@READONLY@#${READONLY:-false}#g" \
-    -e "s#@CGROUP@#$PERFBOX_CGROUP#g" "$1"
+    -e "s#@CGROUP@#$PERFBOX_CGROUP#g" -e "s#@BUILD_RUNS@#${BUILD_RUNS:-}#g" "$1"
 }
 
 # "a.b.c" >= "x.y.z" for dotted numeric versions.

@@ -34,6 +34,7 @@ use crate::buildkit::{
 };
 use crate::config::{BuildNetworkSetting, CacheScope, Config};
 use crate::sandbox::build_cgroup::{BuildCgroup, BuildCgroups, BuildLimits};
+use crate::sandbox::build_writes::BuildWrites;
 use crate::sandbox::perf::PerfError;
 use crate::sandbox::{RunEnd, RunRequest, Sandbox};
 pub use state::JobStatus;
@@ -180,6 +181,8 @@ struct Inner {
     live_build_cgroups: Mutex<HashMap<String, Weak<BuildCgroup>>>,
     /// This service's id (8 hex digits, kept in the state dir): part of every build scope.
     instance: String,
+    /// This program, which measures what builds write (`perfbox measure-tree`).
+    exe: Option<PathBuf>,
     active: Mutex<HashMap<JobId, (CancellationToken, tokio::sync::watch::Receiver<bool>)>>,
     metrics: metrics::Metrics,
     images: images::ImageCache,
@@ -241,6 +244,7 @@ impl JobService {
             build_cgroups,
             live_build_cgroups: Mutex::new(HashMap::new()),
             instance,
+            exe: std::env::current_exe().ok(),
             cfg,
             store,
             jobs_dir,
@@ -752,9 +756,21 @@ impl JobService {
                 return fail(JobStatus::BuildFailed, format!("not started: {low}"));
             }
             let build = self.inner.buildkit.build_image(req, log.clone());
+            // What the RUN steps write to BuildKit's disk, sampled while they run: the build is
+            // stopped past max_image_bytes / max_image_files, long before the disk floor.
+            let writes = async {
+                match (&cgroup, &self.inner.exe) {
+                    (Some(cg), Some(exe)) => {
+                        let w = BuildWrites::new(cg.procs_dir(), exe.clone());
+                        watch_writes(w, cfg.build.max_image_bytes, cfg.build.max_image_files).await
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
             let outcome = tokio::select! {
                 r = tokio::time::timeout(timeout, build) => Ok(r),
                 low = disk_guard(watched, cfg.min_free_disk_bytes) => Err(low),
+                over = writes => Err(over),
             };
             // Evidence for the record that the daemon ran RUN steps in the build's cgroup.
             if let (
@@ -1053,6 +1069,35 @@ fn low_disk(paths: &[PathBuf], min_free: u64) -> Option<String> {
             format!("the disk holding {} has {} bytes free, below the {} byte minimum (min_free_disk_bytes)", p.display(), free, min_free)
         })
     })
+}
+
+/// Resolves, with the reason, once the RUN steps of a build have written more than `max_bytes`
+/// or made more than `max_files` entries (sampled every 250 ms).
+async fn watch_writes(mut w: BuildWrites, max_bytes: u64, max_files: u64) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok((back, u)) = tokio::task::spawn_blocking(move || {
+            let u = w.sample();
+            (w, u)
+        })
+        .await
+        else {
+            return std::future::pending().await;
+        };
+        w = back;
+        if u.bytes > max_bytes {
+            return format!(
+                "its RUN steps wrote {} bytes to disk, past the {max_bytes} byte limit (max_image_bytes)",
+                u.bytes
+            );
+        }
+        if u.entries > max_files {
+            return format!(
+                "its RUN steps made {} files and directories, past the limit of {max_files} (max_image_files)",
+                u.entries
+            );
+        }
+    }
 }
 
 /// Resolves when a watched filesystem runs low (checked every 250 ms).

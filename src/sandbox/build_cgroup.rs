@@ -267,17 +267,19 @@ impl BuildCgroup {
         self.limits
     }
 
+    /// Its directory in the hierarchy that lists its processes (pids on v1, the unified one on
+    /// v2), where runc makes `buildkit/<id>` for each RUN step.
+    pub fn procs_dir(&self) -> PathBuf {
+        match &self.pids_dir {
+            Some(pids_root) => pids_root.join(&self.rel),
+            None => self.dirs.first().cloned().unwrap_or_default(),
+        }
+    }
+
     /// Whether any RUN step ran in it (runc made its `buildkit/` child): evidence for the job
     /// record that the daemon honoured the cgroup.
     pub fn used(&self) -> bool {
-        let base = match &self.pids_dir {
-            Some(pids_root) => pids_root.join(&self.rel),
-            None => match self.dirs.first() {
-                Some(d) => d.clone(),
-                None => return false,
-            },
-        };
-        base.join("buildkit").is_dir()
+        self.procs_dir().join("buildkit").is_dir()
     }
 
     /// Kill whatever still runs in it and remove it, deepest first, in every hierarchy (for up

@@ -18,6 +18,7 @@
 //! 7. Read `/data/perf.json` with [`perf::read_perf`].
 
 pub mod build_cgroup;
+pub mod build_writes;
 pub mod cgroups;
 pub mod idmap;
 pub mod image_user;

@@ -109,8 +109,30 @@ check spec-api sh -c "curl -fsS $api/job/$id1/spec | jq -e '.linux.namespaces | 
 check spec-cli sh -c "perfbox spec $id1 | jq -e '.linux.cgroupsPath | startswith(\"/system.slice/perfbox.service/\")' >/dev/null"
 check spec-file test -s /var/lib/perfbox/service/jobs/$id1/config.json
 
+section "build isolation: a RUN fork bomb stays in its build's cgroup"
+bk_pid=$(main_pid perfbox-buildkitd.service)
+curl -sS $api/healthz | jq -r .build_cgroups
+check build-cgroups-separated sh -c "curl -sS $api/healthz | jq -r .build_cgroups | grep -q 'of their own below /system.slice/perfbox-buildkitd.service/runs'"
+check buildkitd-in-daemon-leaf grep -qx '0::/system.slice/perfbox-buildkitd.service/daemon' /proc/"$bk_pid"/cgroup
+t=$(date +%s)
+idb=$(submit 'FROM alpine
+RUN echo bomb; b() { b | b & }; b; sleep 5; echo the bomb ran out')
+idn=$(submit 'FROM alpine
+RUN echo ordinary
+CMD echo '"'"'{"perf":0.5}'"'"' > /data/perf.json')
+rb=$(wait_job "$idb" 600)
+rn=$(wait_job "$idn" 600)
+recb=$(curl -sS $api/job/"$idb")
+echo "bomb: $rb; $(echo "$recb" | jq -c .build.cgroup)"
+echo "ordinary: $rn"
+timing build-bomb $(($(date +%s) - t))
+check bomb-own-cgroup sh -c "echo '$recb' | jq -r .build.cgroup.path | grep -q '^/system.slice/perfbox-buildkitd.service/runs/job-'"
+check bomb-cgroup-used test "$(echo "$recb" | jq -r .build.cgroup.used)" = true
+check ordinary-after-bomb test "$(echo "$rn" | jq -r .perf)" = 0.5
+check buildkitd-survived-bomb test "$(main_pid perfbox-buildkitd.service)" = "$bk_pid"
+
 section "restart: small memory limit, finished jobs kept"
-sed -i 's/^memory_bytes = .*/memory_bytes = 67108864   # 64 MiB (vm test)/' /etc/perfbox/config.toml
+sed -i '/^\[limits\]/,$ s/^memory_bytes = .*/memory_bytes = 67108864   # 64 MiB (vm test)/' /etc/perfbox/config.toml
 grep '^memory_bytes' /etc/perfbox/config.toml
 t=$(date +%s)
 systemctl restart perfbox.service
