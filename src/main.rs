@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -12,7 +13,8 @@ use tokio::io::AsyncWriteExt;
 
 use perfbox::buildkit::BuildkitClient;
 use perfbox::config::Config;
-use perfbox::jobs::JobService;
+use perfbox::jobs::service::{Deps, build_cgroups_for};
+use perfbox::jobs::{JobService, SqliteStore};
 use perfbox::sandbox::runtime::RuntimeKind;
 use perfbox::sandbox::{Sandbox, SandboxConfig};
 
@@ -252,9 +254,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
         None => BuildkitClient::connect(&build_addr).await,
     }
     .context("buildkit client")?;
-    let jobs = JobService::start(cfg.clone(), buildkit, sandbox)
-        .await
-        .context("job service")?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
+    let store = SqliteStore::open(&cfg.state_dir.join("jobs.db")).context("job database")?;
+    let build_cgroups = build_cgroups_for(&cfg, buildkit.addr());
+    let jobs = JobService::start(Deps {
+        cfg: cfg.clone(),
+        store: Arc::new(store),
+        builder: Arc::new(buildkit),
+        runner: Arc::new(sandbox),
+        build_cgroups,
+    })
+    .await
+    .context("job service")?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;

@@ -252,6 +252,8 @@ fn build_fork_bomb_is_contained() -> Result<(), Failed> {
         after < 200,
         "{after} tasks left in the build cgroup after the bomb"
     );
+    // The next test finds the daemon answering.
+    require_buildkitd(&buildkit_socket());
     Ok(())
 }
 
@@ -286,6 +288,7 @@ fn build_memory_bomb_is_contained() -> Result<(), Failed> {
         before,
         "buildkitd was killed by the memory bomb"
     );
+    require_buildkitd(&buildkit_socket());
     Ok(())
 }
 
@@ -302,6 +305,7 @@ fn daemon_pids(comm: &str) -> Vec<u32> {
 
 fn main() {
     require_setup();
+    require_buildkitd(&buildkit_socket());
     let mut args = Arguments::from_args();
     // One at a time: the fork bomb fills the build cgroup's pids for a few seconds, which would
     // fail any build running beside it (the bombs are contained to builds, not to one build).

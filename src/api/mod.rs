@@ -16,6 +16,8 @@
 mod error;
 mod handlers;
 mod logs;
+#[cfg(test)]
+mod tests;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

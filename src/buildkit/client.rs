@@ -568,6 +568,18 @@ impl ImageBuilder for BuildkitClient {
     ) -> BoxFuture<'_, Result<BuiltImage, BuildError>> {
         Box::pin(self.build_shared(req, log))
     }
+
+    fn prune(&self) -> BoxFuture<'_, Result<u64, BuildError>> {
+        Box::pin(BuildkitClient::prune(self))
+    }
+
+    fn version(&self) -> BoxFuture<'_, Result<String, BuildError>> {
+        Box::pin(async move { self.health().await.map(|info| info.version) })
+    }
+
+    fn addr(&self) -> &str {
+        BuildkitClient::addr(self)
+    }
 }
 
 /// The `dockerfile.v0` options for `req`.

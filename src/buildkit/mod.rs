@@ -265,6 +265,15 @@ pub trait ImageBuilder: Send + Sync {
         req: BuildRequest,
         log: Arc<dyn BuildLog>,
     ) -> BoxFuture<'_, Result<BuiltImage, BuildError>>;
+
+    /// Delete the daemon's unused build cache; the bytes freed.
+    fn prune(&self) -> BoxFuture<'_, Result<u64, BuildError>>;
+
+    /// The daemon's version, or why it cannot be reached (health checks).
+    fn version(&self) -> BoxFuture<'_, Result<String, BuildError>>;
+
+    /// The daemon's address, as configured.
+    fn addr(&self) -> &str;
 }
 
 /// A spawned task that is aborted when this handle is dropped, so that no background work of a

@@ -1,11 +1,25 @@
-//! Durable job records in an embedded SQLite database (WAL mode) in the state dir. Ids come from
-//! an AUTOINCREMENT sequence and are never reused. Every status change is checked against the
-//! state machine inside the same lock that writes it.
+//! Durable job records, and the queue: a job waits in the store until a worker claims it.
+//!
+//! [`Store`] is what the job service needs of a database; [`SqliteStore`] is the embedded one (a
+//! SQLite file in WAL mode in the state dir). Ids come from an AUTOINCREMENT sequence and are
+//! never reused. Every status change is checked against the state machine inside the transaction
+//! that writes it.
+//!
+//! The queue is the `queued` rows, oldest first: no channel, no counter kept by hand. A worker
+//! [`Store::claim`]s a job in one transaction, which moves it to `building`, takes a build slot for
+//! it (`slot = 'build'`), and stamps it with the claiming node and a lease that the node renews
+//! ([`Store::renew`]). A claim respects the node's build slots and the owner's share of them
+//! (jobs of an owner already holding its share are passed over, FIFO otherwise). After a restart,
+//! the jobs a node held, and any whose lease ran out, are found by [`Store::stale`].
+//!
+//! The record is declared once ([`COLUMNS`] and [`JobRecord::from_row`] by column name); the schema
+//! grows by numbered migrations ([`MIGRATIONS`], tracked in `PRAGMA user_version`).
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
@@ -72,8 +86,49 @@ pub struct JobRecord {
     pub submitter: Option<String>,
 }
 
-/// Fields a transition may set.
-#[derive(Debug, Default, Clone)]
+/// The columns of a record, in [`JobRecord`]'s order (what every query selects).
+pub const COLUMNS: &str = "id, filename, owner, status, error, perf, dockerfile_sha256, created_at, \
+    build_started_at, build_finished_at, run_started_at, finished_at, image_digest, cached_steps, \
+    total_steps, runtime, cgroup, limits, exit_code, oom_killed, image_cache, build, submitter";
+
+impl JobRecord {
+    /// A row of [`COLUMNS`], read by column name.
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
+        let json = |name: &str| -> rusqlite::Result<Option<serde_json::Value>> {
+            Ok(r.get::<_, Option<String>>(name)?
+                .and_then(|text| serde_json::from_str(&text).ok()))
+        };
+        let status: String = r.get("status")?;
+        Ok(JobRecord {
+            id: r.get("id")?,
+            filename: r.get("filename")?,
+            owner: r.get("owner")?,
+            status: JobStatus::parse(&status).unwrap_or(JobStatus::Interrupted),
+            error: r.get("error")?,
+            perf: r.get("perf")?,
+            dockerfile_sha256: r.get("dockerfile_sha256")?,
+            created_at: r.get("created_at")?,
+            build_started_at: r.get("build_started_at")?,
+            build_finished_at: r.get("build_finished_at")?,
+            run_started_at: r.get("run_started_at")?,
+            finished_at: r.get("finished_at")?,
+            image_digest: r.get("image_digest")?,
+            cached_steps: r.get("cached_steps")?,
+            total_steps: r.get("total_steps")?,
+            runtime: r.get("runtime")?,
+            cgroup: r.get("cgroup")?,
+            limits: json("limits")?,
+            exit_code: r.get("exit_code")?,
+            oom_killed: r.get::<_, Option<i64>>("oom_killed")?.map(|v| v != 0),
+            image_cache: r.get("image_cache")?,
+            build: json("build")?,
+            submitter: r.get("submitter")?,
+        })
+    }
+}
+
+/// Fields a transition may set (unset ones keep their value).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Patch {
     /// error
     pub error: Option<String>,
@@ -101,6 +156,60 @@ pub struct Patch {
     pub build: Option<serde_json::Value>,
 }
 
+impl Patch {
+    /// The columns this patch sets, with their values.
+    fn assignments(&self) -> Vec<(&'static str, Value)> {
+        let text = |v: &Option<String>| v.clone().map(Value::Text);
+        let json = |v: &Option<serde_json::Value>| v.as_ref().map(|j| Value::Text(j.to_string()));
+        [
+            ("error", text(&self.error)),
+            ("perf", self.perf.map(Value::Real)),
+            ("image_digest", text(&self.image_digest)),
+            ("cached_steps", self.cached_steps.map(Value::Integer)),
+            ("total_steps", self.total_steps.map(Value::Integer)),
+            ("runtime", text(&self.runtime)),
+            ("cgroup", text(&self.cgroup)),
+            ("limits", json(&self.limits)),
+            ("exit_code", self.exit_code.map(Value::Integer)),
+            (
+                "oom_killed",
+                self.oom_killed.map(|b| Value::Integer(i64::from(b))),
+            ),
+            ("image_cache", text(&self.image_cache)),
+            ("build", json(&self.build)),
+        ]
+        .into_iter()
+        .filter_map(|(column, value)| value.map(|v| (column, v)))
+        .collect()
+    }
+}
+
+/// A job to record.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    /// The uploaded file's name.
+    pub filename: &'a str,
+    /// The token's name.
+    pub owner: Option<&'a str>,
+    /// Whose share of build slots it uses.
+    pub submitter: &'a str,
+    /// sha256 of the Dockerfile.
+    pub dockerfile_sha256: &'a str,
+}
+
+/// What a worker asks for when it claims a job.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    /// The claiming node (process).
+    pub node: &'a str,
+    /// Build slots of that node.
+    pub build_slots: usize,
+    /// Build slots one owner may hold (over all nodes).
+    pub per_owner: usize,
+    /// How long the claim holds without [`Store::renew`].
+    pub lease: Duration,
+}
+
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -120,6 +229,56 @@ pub enum StoreError {
         /// Requested status.
         to: JobStatus,
     },
+    /// The queue holds as many jobs as allowed.
+    #[error("the queue is full ({0} jobs waiting)")]
+    QueueFull(i64),
+    /// Putting a new job's files in place failed; it was not recorded.
+    #[error("cannot store the job's files: {0}")]
+    Prepare(std::io::Error),
+}
+
+/// What the job service needs of a database. Every method is one transaction.
+pub trait Store: Send + Sync {
+    /// Record a new queued job, unless `max_queued` jobs already wait. `prepare` runs with the
+    /// new id before the job becomes visible (its files go in place there); if it fails, no job
+    /// is recorded.
+    fn insert(
+        &self,
+        job: &NewJob<'_>,
+        max_queued: usize,
+        prepare: &mut dyn FnMut(JobId) -> std::io::Result<()>,
+    ) -> Result<JobRecord, StoreError>;
+    /// One job.
+    fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+    /// A page of jobs, newest first, optionally only one owner's, with ids below `before`.
+    fn list(
+        &self,
+        owner: Option<&str>,
+        before: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, StoreError>;
+    /// Number of jobs (of one owner).
+    fn count(&self, owner: Option<&str>) -> Result<i64, StoreError>;
+    /// Queued jobs ahead of `id`.
+    fn queue_position(&self, id: JobId) -> Result<i64, StoreError>;
+    /// Queued jobs.
+    fn queue_depth(&self) -> Result<i64, StoreError>;
+    /// Jobs per status.
+    fn counts(&self) -> Result<Vec<(JobStatus, i64)>, StoreError>;
+    /// Move a job to `to`, if the state machine allows it from its current status; set the
+    /// phase timestamp that `to` implies and the patch's fields. Leaving `building` gives its
+    /// build slot back. Returns the updated record.
+    fn transition(&self, id: JobId, to: JobStatus, patch: Patch) -> Result<JobRecord, StoreError>;
+    /// Take the oldest queued job that may start now (see the module docs), moving it to
+    /// `building`; None when there is none.
+    fn claim(&self, claim: &Claim<'_>) -> Result<Option<JobRecord>, StoreError>;
+    /// The build of `id` is over (the job now waits for a run slot): its build slot is free.
+    fn release_build_slot(&self, id: JobId) -> Result<(), StoreError>;
+    /// Extend the leases of the jobs `node` holds.
+    fn renew(&self, node: &str, lease: Duration) -> Result<(), StoreError>;
+    /// Building or running jobs that nobody works on any more: those `node` held before it
+    /// (re)started, and those whose lease ran out. Oldest first.
+    fn stale(&self, node: &str) -> Result<Vec<JobId>, StoreError>;
 }
 
 /// Seconds since the epoch.
@@ -130,95 +289,69 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    filename TEXT NOT NULL,
-    owner TEXT,
-    status TEXT NOT NULL,
-    error TEXT,
-    perf REAL,
-    dockerfile_sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    build_started_at REAL,
-    build_finished_at REAL,
-    run_started_at REAL,
-    finished_at REAL,
-    image_digest TEXT,
-    cached_steps INTEGER,
-    total_steps INTEGER,
-    runtime TEXT,
-    cgroup TEXT,
-    limits TEXT,
-    exit_code INTEGER,
-    oom_killed INTEGER,
-    image_cache TEXT,
-    build TEXT,
-    submitter TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);
-";
-
-const COLUMNS: &str = "id, filename, owner, status, error, perf, dockerfile_sha256, created_at, build_started_at, \
-    build_finished_at, run_started_at, finished_at, image_digest, cached_steps, total_steps, runtime, cgroup, limits, \
-    exit_code, oom_killed, image_cache, build, submitter";
-
-fn from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
-    let status: String = r.get(3)?;
-    let limits: Option<String> = r.get(17)?;
-    Ok(JobRecord {
-        id: r.get(0)?,
-        filename: r.get(1)?,
-        owner: r.get(2)?,
-        status: JobStatus::parse(&status).unwrap_or(JobStatus::Interrupted),
-        error: r.get(4)?,
-        perf: r.get(5)?,
-        dockerfile_sha256: r.get(6)?,
-        created_at: r.get(7)?,
-        build_started_at: r.get(8)?,
-        build_finished_at: r.get(9)?,
-        run_started_at: r.get(10)?,
-        finished_at: r.get(11)?,
-        image_digest: r.get(12)?,
-        cached_steps: r.get(13)?,
-        total_steps: r.get(14)?,
-        runtime: r.get(15)?,
-        cgroup: r.get(16)?,
-        limits: limits.and_then(|l| serde_json::from_str(&l).ok()),
-        exit_code: r.get(18)?,
-        oom_killed: r.get::<_, Option<i64>>(19)?.map(|v| v != 0),
-        image_cache: r.get(20)?,
-        build: r
-            .get::<_, Option<String>>(21)?
-            .and_then(|b| serde_json::from_str(&b).ok()),
-        submitter: r.get(22)?,
-    })
+/// A schema step: SQL, or a column added where it is missing (databases made before numbered
+/// migrations may already have it).
+enum Migration {
+    Sql(&'static str),
+    AddColumn(&'static str, &'static str),
 }
 
-/// The job database.
+/// The schema, step by step; `PRAGMA user_version` is the number of steps applied.
+const MIGRATIONS: &[Migration] = &[
+    // 1: the first schema (databases from before numbered migrations have it already).
+    Migration::Sql(
+        "CREATE TABLE IF NOT EXISTS jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            filename TEXT NOT NULL,
+            owner TEXT,
+            status TEXT NOT NULL,
+            error TEXT,
+            perf REAL,
+            dockerfile_sha256 TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            build_started_at REAL,
+            build_finished_at REAL,
+            run_started_at REAL,
+            finished_at REAL,
+            image_digest TEXT,
+            cached_steps INTEGER,
+            total_steps INTEGER,
+            runtime TEXT,
+            cgroup TEXT,
+            limits TEXT,
+            exit_code INTEGER,
+            oom_killed INTEGER
+        );
+        CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
+        CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);",
+    ),
+    // 2: the image cache's verdict.
+    Migration::AddColumn("image_cache", "TEXT"),
+    // 3: what the build ran with.
+    Migration::AddColumn("build", "TEXT"),
+    // 4: whose share of build slots the job uses.
+    Migration::AddColumn("submitter", "TEXT"),
+    // 5: the queue's claims: who holds the job, until when, and which slot.
+    Migration::AddColumn("claimed_by", "TEXT"),
+    Migration::AddColumn("lease_until", "REAL"),
+    Migration::AddColumn("slot", "TEXT"),
+    Migration::Sql("CREATE INDEX IF NOT EXISTS jobs_slot ON jobs(slot, claimed_by)"),
+];
+
+/// The embedded store: one SQLite file.
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-impl Store {
-    /// Open (creating if needed) the database at `path`.
+impl SqliteStore {
+    /// Open (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        // Databases made by older versions lack the later columns.
-        for column in ["image_cache", "build", "submitter"] {
-            let has: bool = conn
-                .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")?
-                .exists([column])?;
-            if !has {
-                conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} TEXT"))?;
-            }
-        }
+        conn.busy_timeout(Duration::from_secs(5))?;
+        migrate(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -227,37 +360,78 @@ impl Store {
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// Record a new queued job.
-    pub fn insert(
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let done: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.unchecked_transaction()?;
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql)?,
+            Migration::AddColumn(column, kind) => {
+                let has: bool = tx
+                    .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")?
+                    .exists([column])?;
+                if !has {
+                    tx.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} {kind}"))?;
+                }
+            }
+        }
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn select_one(conn: &Connection, id: JobId) -> rusqlite::Result<JobRecord> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+        [id],
+        JobRecord::from_row,
+    )
+}
+
+impl Store for SqliteStore {
+    fn insert(
         &self,
-        filename: &str,
-        owner: Option<&str>,
-        submitter: &str,
-        sha256: &str,
+        job: &NewJob<'_>,
+        max_queued: usize,
+        prepare: &mut dyn FnMut(JobId) -> std::io::Result<()>,
     ) -> Result<JobRecord, StoreError> {
-        let conn = self.lock();
-        conn.execute(
-            "INSERT INTO jobs (filename, owner, submitter, status, dockerfile_sha256, created_at) VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
-            params![filename, owner, submitter, sha256, now()],
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let queued: i64 = tx.query_row(
+            "SELECT count(*) FROM jobs WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
         )?;
-        let id = conn.last_insert_rowid();
-        Ok(conn.query_row(
-            &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-            [id],
-            from_row,
-        )?)
+        if queued >= max_queued as i64 {
+            return Err(StoreError::QueueFull(queued));
+        }
+        tx.execute(
+            "INSERT INTO jobs (filename, owner, submitter, status, dockerfile_sha256, created_at)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+            params![
+                job.filename,
+                job.owner,
+                job.submitter,
+                job.dockerfile_sha256,
+                now()
+            ],
+        )?;
+        let rec = select_one(&tx, tx.last_insert_rowid())?;
+        prepare(rec.id).map_err(StoreError::Prepare)?;
+        tx.commit()?;
+        Ok(rec)
     }
 
-    /// One job.
-    pub fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+    fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?;
-        Ok(stmt.query_row([id], from_row).optional()?)
+        Ok(stmt.query_row([id], JobRecord::from_row).optional()?)
     }
 
-    /// A page of jobs, newest first, optionally only one owner's, with ids below `before`.
-    pub fn list(
+    fn list(
         &self,
         owner: Option<&str>,
         before: Option<JobId>,
@@ -269,13 +443,12 @@ impl Store {
         ))?;
         let rows = stmt.query_map(
             params![owner, before.unwrap_or(i64::MAX), limit as i64],
-            from_row,
+            JobRecord::from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Number of jobs.
-    pub fn count(&self, owner: Option<&str>) -> Result<i64, StoreError> {
+    fn count(&self, owner: Option<&str>) -> Result<i64, StoreError> {
         let conn = self.lock();
         Ok(conn.query_row(
             "SELECT count(*) FROM jobs WHERE (?1 IS NULL OR owner = ?1)",
@@ -284,8 +457,7 @@ impl Store {
         )?)
     }
 
-    /// Queued jobs ahead of `id`.
-    pub fn queue_position(&self, id: JobId) -> Result<i64, StoreError> {
+    fn queue_position(&self, id: JobId) -> Result<i64, StoreError> {
         let conn = self.lock();
         Ok(conn.query_row(
             "SELECT count(*) FROM jobs WHERE status = 'queued' AND id < ?1",
@@ -294,26 +466,16 @@ impl Store {
         )?)
     }
 
-    /// Ids in a status, oldest first.
-    pub fn ids_in(&self, status: JobStatus) -> Result<Vec<JobId>, StoreError> {
+    fn queue_depth(&self) -> Result<i64, StoreError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached("SELECT id FROM jobs WHERE status = ?1 ORDER BY id")?;
-        let rows = stmt.query_map([status.as_str()], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(conn.query_row(
+            "SELECT count(*) FROM jobs WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?)
     }
 
-    /// Queued jobs, oldest first, with their submitters.
-    pub fn queued(&self) -> Result<Vec<(JobId, String)>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, coalesce(submitter, owner, 'anonymous') FROM jobs WHERE status = 'queued' ORDER BY id",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Jobs per status.
-    pub fn counts(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+    fn counts(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached("SELECT status, count(*) FROM jobs GROUP BY status")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
@@ -327,14 +489,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Move a job to `to`, if the state machine allows it from its current status; set the
-    /// phase timestamp that `to` implies and the patch's fields. Returns the updated record.
-    pub fn transition(
-        &self,
-        id: JobId,
-        to: JobStatus,
-        patch: Patch,
-    ) -> Result<JobRecord, StoreError> {
+    fn transition(&self, id: JobId, to: JobStatus, patch: Patch) -> Result<JobRecord, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let from: Option<String> = tx
@@ -346,59 +501,98 @@ impl Store {
             return Err(StoreError::IncorrectStatus { id, from, to });
         }
         let t = now();
-        let stamp = match (from, to) {
-            (_, JobStatus::Building) => "build_started_at",
-            (JobStatus::Building, JobStatus::Running) => "build_finished_at",
-            (JobStatus::Building, _) => "build_finished_at",
-            _ => "finished_at",
-        };
-        tx.execute(
-            &format!("UPDATE jobs SET status = ?2, {stamp} = ?3 WHERE id = ?1"),
-            params![id, to.as_str(), t],
-        )?;
+        // The phase timestamps `to` implies, and the slot it leaves.
+        let mut sets: Vec<(&'static str, Value)> =
+            vec![("status", Value::Text(to.as_str().into()))];
+        match (from, to) {
+            (_, JobStatus::Building) => sets.push(("build_started_at", Value::Real(t))),
+            (JobStatus::Building, _) => sets.push(("build_finished_at", Value::Real(t))),
+            _ => {}
+        }
         if to == JobStatus::Running {
-            tx.execute(
-                "UPDATE jobs SET run_started_at = ?2 WHERE id = ?1",
-                params![id, t],
-            )?;
+            sets.push(("run_started_at", Value::Real(t)));
         }
         if to.is_terminal() {
-            tx.execute(
-                "UPDATE jobs SET finished_at = ?2 WHERE id = ?1",
-                params![id, t],
-            )?;
+            sets.push(("finished_at", Value::Real(t)));
         }
-        let limits = patch.limits.map(|l| l.to_string());
-        let build = patch.build.map(|b| b.to_string());
+        if to != JobStatus::Building {
+            sets.push(("slot", Value::Null));
+        }
+        sets.extend(patch.assignments());
+        let assign: Vec<String> = sets
+            .iter()
+            .enumerate()
+            .map(|(i, (column, _))| format!("{column} = ?{}", i + 2))
+            .collect();
+        let mut values: Vec<Value> = vec![Value::Integer(id)];
+        values.extend(sets.into_iter().map(|(_, v)| v));
         tx.execute(
-            "UPDATE jobs SET error = coalesce(?2, error), perf = coalesce(?3, perf), image_digest = coalesce(?4, image_digest),
-             cached_steps = coalesce(?5, cached_steps), total_steps = coalesce(?6, total_steps), runtime = coalesce(?7, runtime),
-             cgroup = coalesce(?8, cgroup), limits = coalesce(?9, limits), exit_code = coalesce(?10, exit_code),
-             oom_killed = coalesce(?11, oom_killed), image_cache = coalesce(?12, image_cache),
-             build = coalesce(?13, build) WHERE id = ?1",
-            params![
-                id,
-                patch.error,
-                patch.perf,
-                patch.image_digest,
-                patch.cached_steps,
-                patch.total_steps,
-                patch.runtime,
-                patch.cgroup,
-                limits,
-                patch.exit_code,
-                patch.oom_killed.map(i64::from),
-                patch.image_cache,
-                build
-            ],
+            &format!("UPDATE jobs SET {} WHERE id = ?1", assign.join(", ")),
+            rusqlite::params_from_iter(values),
         )?;
-        let rec = tx.query_row(
-            &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-            [id],
-            from_row,
-        )?;
+        let rec = select_one(&tx, id)?;
         tx.commit()?;
         Ok(rec)
+    }
+
+    fn claim(&self, claim: &Claim<'_>) -> Result<Option<JobRecord>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let t = now();
+        let id: Option<JobId> = tx
+            .query_row(
+                "SELECT j.id FROM jobs j
+                 WHERE j.status = 'queued'
+                   AND (SELECT count(*) FROM jobs b WHERE b.slot = 'build' AND b.claimed_by = ?1) < ?2
+                   AND (SELECT count(*) FROM jobs b WHERE b.slot = 'build'
+                          AND coalesce(b.submitter, b.owner, '') = coalesce(j.submitter, j.owner, '')) < ?3
+                 ORDER BY j.id LIMIT 1",
+                params![claim.node, claim.build_slots as i64, claim.per_owner as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE jobs SET status = 'building', build_started_at = ?2, slot = 'build',
+                    claimed_by = ?3, lease_until = ?4
+             WHERE id = ?1 AND status = 'queued'",
+            params![id, t, claim.node, t + claim.lease.as_secs_f64()],
+        )?;
+        let rec = select_one(&tx, id)?;
+        tx.commit()?;
+        Ok(Some(rec))
+    }
+
+    fn release_build_slot(&self, id: JobId) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE jobs SET slot = NULL WHERE id = ?1 AND slot = 'build'",
+            [id],
+        )?;
+        Ok(())
+    }
+
+    fn renew(&self, node: &str, lease: Duration) -> Result<(), StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE jobs SET lease_until = ?2
+             WHERE claimed_by = ?1 AND status IN ('building', 'running')",
+            params![node, now() + lease.as_secs_f64()],
+        )?;
+        Ok(())
+    }
+
+    fn stale(&self, node: &str) -> Result<Vec<JobId>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id FROM jobs WHERE status IN ('building', 'running')
+               AND (claimed_by IS NULL OR claimed_by = ?1 OR coalesce(lease_until, 0) < ?2)
+             ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![node, now()], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 
@@ -406,34 +600,78 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn job<'a>(owner: Option<&'a str>, submitter: &'a str) -> NewJob<'a> {
+        NewJob {
+            filename: "a.Dockerfile",
+            owner,
+            submitter,
+            dockerfile_sha256: "abc",
+        }
+    }
+
+    fn ok(_: JobId) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_prepare_records_nothing() {
+        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
+        let mut fail = |_| Err(std::io::Error::other("disk full"));
+        assert!(matches!(
+            store.insert(&job(None, "a"), 10, &mut fail),
+            Err(StoreError::Prepare(_))
+        ));
+        assert_eq!(store.count(None).unwrap(), 0);
+        let mut seen = None;
+        let rec = store
+            .insert(&job(None, "a"), 10, &mut |id| {
+                seen = Some(id);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, Some(rec.id));
+    }
+
+    fn claim(node: &str, slots: usize, per_owner: usize) -> Claim<'_> {
+        Claim {
+            node,
+            build_slots: slots,
+            per_owner,
+            lease: Duration::from_secs(60),
+        }
+    }
+
     #[test]
     fn lifecycle_persists_and_guards_transitions() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         let a = store
-            .insert("a.Dockerfile", None, "addr:127.0.0.1", "abc")
+            .insert(&job(None, "addr:127.0.0.1"), 10, &mut ok)
             .unwrap();
         let b = store
-            .insert("b.Dockerfile", Some("alice"), "alice", "def")
+            .insert(&job(Some("alice"), "alice"), 10, &mut ok)
             .unwrap();
         assert_eq!(b.submitter.as_deref(), Some("alice"));
         assert_eq!((a.id, b.id, a.status), (1, 2, JobStatus::Queued));
         assert_eq!(store.queue_position(b.id).unwrap(), 1);
-        store
-            .transition(a.id, JobStatus::Building, Patch::default())
-            .unwrap();
+        assert_eq!(store.queue_depth().unwrap(), 2);
+        let claimed = store.claim(&claim("n1", 2, 2)).unwrap().unwrap();
+        assert_eq!((claimed.id, claimed.status), (a.id, JobStatus::Building));
+        assert!(claimed.build_started_at.is_some());
         let r = store
             .transition(
                 a.id,
                 JobStatus::Running,
                 Patch {
                     image_digest: Some("sha256:x".into()),
+                    build: Some(serde_json::json!({"scope": "job-1"})),
                     ..Default::default()
                 },
             )
             .unwrap();
         assert!(r.build_finished_at.is_some() && r.run_started_at.is_some());
+        assert_eq!(r.build, Some(serde_json::json!({"scope": "job-1"})));
         let done = store
             .transition(
                 a.id,
@@ -446,6 +684,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(done.perf, Some(0.5));
+        assert_eq!(done.image_digest.as_deref(), Some("sha256:x"), "kept");
         assert!(done.finished_at.is_some());
         assert!(matches!(
             store.transition(a.id, JobStatus::Cancelled, Patch::default()),
@@ -459,16 +698,126 @@ mod tests {
             Err(StoreError::NotFound(99))
         ));
         drop(store);
-        // Reopened: results are still there, ids continue.
-        let store = Store::open(&path).unwrap();
+        // Reopened: results are still there, ids continue, the queue is where it was.
+        let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.get(a.id).unwrap().unwrap().perf, Some(0.5));
         assert_eq!(store.list(Some("alice"), None, 10).unwrap().len(), 1);
         assert_eq!(store.list(None, None, 10).unwrap().len(), 2);
-        assert_eq!(store.insert("c", None, "addr:10.0.0.1", "x").unwrap().id, 3);
-        assert_eq!(store.ids_in(JobStatus::Queued).unwrap(), vec![2, 3]);
+        assert_eq!(store.count(Some("alice")).unwrap(), 1);
+        assert_eq!(store.insert(&job(None, "x"), 10, &mut ok).unwrap().id, 3);
+        assert_eq!(store.queue_depth().unwrap(), 2);
+        assert_eq!(store.claim(&claim("n1", 2, 2)).unwrap().unwrap().id, 2);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_inserts() {
+        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
+        store.insert(&job(None, "a"), 2, &mut ok).unwrap();
+        store.insert(&job(None, "a"), 2, &mut ok).unwrap();
+        assert!(matches!(
+            store.insert(&job(None, "a"), 2, &mut ok),
+            Err(StoreError::QueueFull(2))
+        ));
+        assert_eq!(store.count(None).unwrap(), 2);
+    }
+
+    #[test]
+    fn claims_respect_slots_and_owner_shares_fifo_otherwise() {
+        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
+        for who in ["slow", "slow", "slow", "other"] {
+            store.insert(&job(Some(who), who), 10, &mut ok).unwrap();
+        }
+        let next = |slots, per_owner| {
+            store
+                .claim(&claim("n1", slots, per_owner))
+                .unwrap()
+                .map(|r| r.id)
+        };
+        assert_eq!(next(2, 1), Some(1));
+        // Job 2 is older, but its owner holds its share: job 4 takes the other slot.
+        assert_eq!(next(2, 1), Some(4));
+        assert_eq!(next(2, 1), None, "both slots are taken");
+        // Job 4's build is over (it waits to run): its slot is free, but only "slow" waits.
+        store.release_build_slot(4).unwrap();
         assert_eq!(
-            store.queued().unwrap(),
-            vec![(2, "alice".to_owned()), (3, "addr:10.0.0.1".to_owned())]
+            next(2, 1),
+            None,
+            "the free slot stays free rather than go to slow"
         );
+        store
+            .insert(&job(Some("third"), "third"), 10, &mut ok)
+            .unwrap();
+        assert_eq!(next(2, 1), Some(5));
+        // Another node has slots of its own; the owner's share counts over all nodes.
+        assert_eq!(store.claim(&claim("n2", 2, 1)).unwrap().map(|r| r.id), None);
+        store
+            .transition(1, JobStatus::BuildFailed, Patch::default())
+            .unwrap();
+        assert_eq!(
+            store.claim(&claim("n2", 2, 1)).unwrap().map(|r| r.id),
+            Some(2)
+        );
+        // A cancelled queued job is never claimed.
+        store
+            .transition(3, JobStatus::Cancelled, Patch::default())
+            .unwrap();
+        assert_eq!(next(3, 3), None);
+    }
+
+    #[test]
+    fn stale_jobs_are_the_restarted_nodes_and_the_expired_leases() {
+        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
+        for _ in 0..3 {
+            store.insert(&job(None, "a"), 10, &mut ok).unwrap();
+        }
+        let mut short = claim("n1", 3, 3);
+        store.claim(&short).unwrap();
+        short.node = "n2";
+        store.claim(&short).unwrap();
+        short.lease = Duration::ZERO;
+        short.node = "n3";
+        store.claim(&short).unwrap();
+        assert_eq!(
+            store.stale("n1").unwrap(),
+            vec![1, 3],
+            "n1's own and n3's expired one"
+        );
+        store.renew("n3", Duration::from_secs(60)).unwrap();
+        assert_eq!(store.stale("n1").unwrap(), vec![1]);
+        assert_eq!(store.stale("nobody").unwrap(), Vec::<JobId>::new());
+    }
+
+    #[test]
+    fn an_old_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        {
+            // What the first versions made (no user_version, image_cache added by hand).
+            let conn = Connection::open(&path).unwrap();
+            let first = match &MIGRATIONS[0] {
+                Migration::Sql(sql) => *sql,
+                Migration::AddColumn(..) => unreachable!(),
+            };
+            conn.execute_batch(first).unwrap();
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN image_cache TEXT")
+                .unwrap();
+            conn.execute(
+                "INSERT INTO jobs (filename, status, dockerfile_sha256, created_at, image_cache)
+                 VALUES ('old', 'succeeded', 'x', 1.0, 'miss')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let old = store.get(1).unwrap().unwrap();
+        assert_eq!(
+            (old.filename.as_str(), old.image_cache.as_deref()),
+            ("old", Some("miss"))
+        );
+        let conn = store.lock();
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
     }
 }

@@ -32,7 +32,7 @@ pub mod spec;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oci_spec::runtime::{LinuxSeccomp, Spec};
 use serde::Serialize;
@@ -162,14 +162,8 @@ pub struct RunReport {
     pub cgroup_version: &'static str,
     /// The runtime used.
     pub runtime: RuntimeKind,
-    /// Where the spec is.
-    pub spec_path: PathBuf,
-    /// Where the log is.
-    pub log_path: PathBuf,
     /// Bytes of output beyond the log cap (counted, not stored).
     pub log_dropped_bytes: u64,
-    /// Wall time of the run.
-    pub duration: Duration,
     /// The last lines of the log (for failure reasons).
     pub log_tail: String,
 }
@@ -240,11 +234,6 @@ impl Sandbox {
     /// The runtime in use.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
-    }
-
-    /// The host identity containers run as.
-    pub fn identity(&self) -> &HostIdentity {
-        &self.identity
     }
 
     /// The cgroup layout found at startup.
@@ -350,7 +339,6 @@ impl Sandbox {
         // 4. Run in the foreground. From here on the guard deletes the container on every path.
         let log_path = job_dir.join(RUN_LOG);
         let log = std::fs::File::create(&log_path).map_err(io_err("cannot create", &log_path))?;
-        let started = Instant::now();
         let mut guard = ContainerGuard::new(&self.runtime, &state_dir, req.container_id);
         let parent_ooms_before = self.cgroups.parent_oom_kills();
         let mut child = self
@@ -405,7 +393,6 @@ impl Sandbox {
                 end
             }
         };
-        let duration = started.elapsed();
         let log_dropped_bytes = pump.finish().await;
 
         // 6. OOM evidence while the cgroup exists, then delete on every path.
@@ -439,10 +426,7 @@ impl Sandbox {
             applied,
             cgroup_version: self.cgroups.version(),
             runtime: self.runtime.kind,
-            spec_path,
-            log_path,
             log_dropped_bytes,
-            duration,
             log_tail,
         })
     }

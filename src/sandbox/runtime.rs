@@ -204,17 +204,6 @@ impl Runtime {
             .map(|_| ())
     }
 
-    /// Container ids known in a state dir (`list -q`).
-    pub async fn list(&self, state_root: &Path) -> Result<Vec<String>, RuntimeError> {
-        let out = self.simple(state_root, &["list", "-q"]).await?;
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect())
-    }
-
     /// `--version`, first line.
     pub async fn version(&self) -> Result<String, RuntimeError> {
         let mut cmd = Command::new(&self.binary);

@@ -300,12 +300,14 @@ pub fn first_error_line(text: &str) -> String {
 }
 
 /// `argv` run as the unprivileged perfbox user (setpriv), with stdin from /dev/null, its own
-/// XDG_RUNTIME_DIR and no NOTIFY_SOCKET.
+/// XDG_RUNTIME_DIR (setup's run dir) and no NOTIFY_SOCKET.
 pub fn as_perfbox(argv: &[&str]) -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--reuid", user(), "--regid", user(), "--init-groups", "--"])
         .args(argv)
-        .env("XDG_RUNTIME_DIR", "/tmp")
+        // The user's own run dir (setup's, owned by it): runc keeps per-user state below
+        // $XDG_RUNTIME_DIR, and a shared /tmp/runc would belong to whichever user came first.
+        .env("XDG_RUNTIME_DIR", run_dir())
         .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null());
     c

@@ -1,0 +1,405 @@
+//! Every route's answers, through `tower::ServiceExt::oneshot` on the router over a job service on
+//! fakes ([`crate::jobs::fakes`]): no server, no root, no daemon. (The real service is driven with
+//! curl by `tests/service.rs`.)
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use serde_json::Value;
+use tower::ServiceExt;
+
+use super::router;
+use crate::jobs::fakes::{FakeService, fake_service};
+use crate::jobs::{JobId, JobStatus};
+
+const BOUNDARY: &str = "perfbox-test-boundary";
+
+/// A multipart body of `(field name, file name, content)` parts.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, content) in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        let disposition = match filename {
+            Some(f) => {
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n")
+            }
+            None => format!("Content-Disposition: form-data; name=\"{name}\"\r\n"),
+        };
+        body.extend_from_slice(disposition.as_bytes());
+        body.extend_from_slice(b"\r\n");
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+struct Call {
+    status: StatusCode,
+    json: Value,
+    text: String,
+    headers: axum::http::HeaderMap,
+}
+
+async fn call(h: &FakeService, req: Request<Body>) -> Call {
+    let resp = router(h.svc.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Call {
+        status,
+        json: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+        headers,
+    }
+}
+
+async fn get(h: &FakeService, path: &str, token: Option<&str>) -> Call {
+    let mut req = Request::get(path);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    call(h, req.body(Body::empty()).unwrap()).await
+}
+
+async fn post(h: &FakeService, parts: &[(&str, Option<&str>, &[u8])], token: Option<&str>) -> Call {
+    let mut req = Request::post("/job/build").header(
+        header::CONTENT_TYPE,
+        format!("multipart/form-data; boundary={BOUNDARY}"),
+    );
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    call(h, req.body(Body::from(multipart(parts))).unwrap()).await
+}
+
+async fn submit(h: &FakeService, script: &str) -> JobId {
+    let df = format!("# fake: {script}\nFROM busybox\n");
+    let c = post(h, &[("file", Some("job.Dockerfile"), df.as_bytes())], None).await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.text);
+    c.json["id"].as_i64().unwrap()
+}
+
+fn assert_error(c: &Call, status: StatusCode, words: &str) {
+    assert_eq!(c.status, status, "{}", c.text);
+    let e = c.json["error"].as_str().unwrap_or_default();
+    assert!(e.contains(words), "{status}: {e:?} lacks {words:?}");
+}
+
+#[tokio::test]
+async fn submit_answers_202_with_links_and_perf_comes_back() {
+    let h = fake_service(|_| {}).await;
+    let df = b"# fake: perf=0.9876\nFROM busybox\n";
+    let c = post(&h, &[("file", Some("job.Dockerfile"), df)], None).await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.text);
+    assert_eq!(c.json["filename"], "job.Dockerfile");
+    assert_eq!(c.json["status"], "queued");
+    let id = c.json["id"].as_i64().unwrap();
+    assert_eq!(
+        c.json["links"]["performance"],
+        format!("/job/performance/{id}")
+    );
+    h.finish(id).await;
+    let c = get(&h, &format!("/job/performance/{id}"), None).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(
+        c.json,
+        serde_json::json!({"job": id, "status": "succeeded", "perf": 0.9876})
+    );
+    // PUT works like POST; build args and a target are accepted.
+    let req = Request::put("/job/build")
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(Body::from(multipart(&[
+            ("file", Some("x.Dockerfile"), b"FROM busybox\n"),
+            ("build_arg", None, b"A=1"),
+            ("target", None, b"final"),
+        ])))
+        .unwrap();
+    let c = call(&h, req).await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.text);
+}
+
+#[tokio::test]
+async fn bad_submissions_are_4xx_and_queue_nothing() {
+    let h = fake_service(|c| c.max_dockerfile_bytes = 64).await;
+    let ok: &[u8] = b"FROM busybox\n";
+    type Parts<'a> = Vec<(&'a str, Option<&'a str>, &'a [u8])>;
+    let cases: Vec<(Parts, StatusCode, &str)> = vec![
+        (
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "no multipart field named \"file\"",
+        ),
+        (
+            vec![("dockerfile", Some("d"), ok)],
+            StatusCode::BAD_REQUEST,
+            "no multipart field named \"file\" (got fields",
+        ),
+        (
+            vec![("file", Some("d"), ok), ("bogus", None, b"1")],
+            StatusCode::BAD_REQUEST,
+            "unknown multipart fields",
+        ),
+        (
+            vec![("file", Some("d"), b"")],
+            StatusCode::BAD_REQUEST,
+            "empty",
+        ),
+        (
+            vec![("file", Some("d"), b"\xff\xfe")],
+            StatusCode::BAD_REQUEST,
+            "not UTF-8",
+        ),
+        (
+            vec![("file", Some("d"), &[b'#'; 100])],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit is 64",
+        ),
+        (
+            vec![
+                ("file", Some("d"), ok),
+                ("build_arg", None, b"BUILDKIT_SYNTAX=x"),
+            ],
+            StatusCode::BAD_REQUEST,
+            "BUILDKIT_",
+        ),
+        (
+            vec![("file", Some("d"), ok), ("build_arg", None, b"NOEQUALS")],
+            StatusCode::BAD_REQUEST,
+            "NAME=value",
+        ),
+        (
+            vec![("file", Some("d"), ok), ("file", Some("e"), ok)],
+            StatusCode::BAD_REQUEST,
+            "exactly one",
+        ),
+    ];
+    for (parts, status, words) in cases {
+        let c = post(&h, &parts, None).await;
+        assert_error(&c, status, words);
+    }
+    // Not multipart at all.
+    let req = Request::post("/job/build")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("FROM x"))
+        .unwrap();
+    assert_error(&call(&h, req).await, StatusCode::BAD_REQUEST, "multipart");
+    assert_eq!(get(&h, "/jobs", None).await.json["total"], 0);
+}
+
+#[tokio::test]
+async fn reads_answer_in_every_state_and_refuse_bad_ids() {
+    let h = fake_service(|c| c.max_concurrent_builds = 1).await;
+    let hanging = submit(&h, "build-hangs").await;
+    h.wait_for(hanging, |s| s == JobStatus::Building).await;
+    let queued = submit(&h, "x").await;
+    let c = get(&h, &format!("/job/performance/{queued}"), None).await;
+    assert_eq!(c.json["status"], "queued");
+    assert_eq!(c.json["queue_position"], 0);
+    assert!(c.json["info"].is_string());
+    let c = get(&h, &format!("/job/performance/{hanging}"), None).await;
+    assert_eq!(c.json["status"], "building");
+    let c = get(&h, &format!("/job/{queued}"), None).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.json["queue_position"], 0);
+    assert_eq!(c.json["links"]["logs"], format!("/job/{queued}/logs"));
+    assert_error(
+        &get(&h, "/job/performance/abc", None).await,
+        StatusCode::BAD_REQUEST,
+        "positive integer",
+    );
+    assert_error(
+        &get(&h, "/job/performance/0", None).await,
+        StatusCode::BAD_REQUEST,
+        "positive integer",
+    );
+    assert_error(
+        &get(&h, "/job/performance/999", None).await,
+        StatusCode::NOT_FOUND,
+        "no job 999",
+    );
+    assert_error(
+        &get(&h, "/job/999", None).await,
+        StatusCode::NOT_FOUND,
+        "no job 999",
+    );
+    assert_error(
+        &get(&h, &format!("/job/{queued}/spec"), None).await,
+        StatusCode::NOT_FOUND,
+        "has not run yet",
+    );
+    assert_error(
+        &get(&h, "/nope", None).await,
+        StatusCode::NOT_FOUND,
+        "no route /nope",
+    );
+
+    // Cancel: 200 with the record, then 409 (already cancelled), 404 for nobody's job.
+    let req = |id: JobId| {
+        Request::delete(format!("/job/{id}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let c = call(&h, req(hanging)).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.text);
+    assert_eq!(c.json["status"], "cancelled");
+    assert_error(
+        &call(&h, req(hanging)).await,
+        StatusCode::CONFLICT,
+        "already cancelled",
+    );
+    assert_error(
+        &call(&h, req(999)).await,
+        StatusCode::NOT_FOUND,
+        "no job 999",
+    );
+
+    // A finished job: its failure reason, logs, spec.
+    let failed = submit(&h, "build-fails").await;
+    h.finish(failed).await;
+    let c = get(&h, &format!("/job/performance/{failed}"), None).await;
+    assert_eq!(c.json["status"], "build_failed");
+    assert!(c.json["error"].as_str().unwrap().contains("RUN failed"));
+    let done = submit(&h, "perf=2").await;
+    h.finish(done).await;
+    let c = get(&h, &format!("/job/{done}/logs"), None).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert!(
+        c.text.contains("===== build log =====") && c.text.contains("fake run"),
+        "{}",
+        c.text
+    );
+    std::fs::write(h.svc.job_dir(done).spec(), r#"{"ociVersion": "1.0.2"}"#).unwrap();
+    let c = get(&h, &format!("/job/{done}/spec"), None).await;
+    assert_eq!(c.json["ociVersion"], "1.0.2");
+}
+
+#[tokio::test]
+async fn lists_paginate_and_refuse_bad_queries() {
+    let h = fake_service(|_| {}).await;
+    for _ in 0..3 {
+        submit(&h, "x").await;
+    }
+    let c = get(&h, "/jobs?limit=2", None).await;
+    assert_eq!(c.json["total"], 3);
+    let ids: Vec<i64> = c.json["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![3, 2]);
+    assert_eq!(c.json["next"], "/jobs?limit=2&before=2");
+    let c = get(&h, "/jobs?limit=2&before=2", None).await;
+    assert_eq!(c.json["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(c.json["next"], Value::Null);
+    assert_error(
+        &get(&h, "/jobs?limit=x", None).await,
+        StatusCode::BAD_REQUEST,
+        "bad query",
+    );
+    assert_error(
+        &get(&h, "/jobs?bogus=1", None).await,
+        StatusCode::BAD_REQUEST,
+        "bad query",
+    );
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let h = fake_service(|_| {}).await;
+    let c = get(&h, "/healthz", None).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.text);
+    assert_eq!(c.json["ok"], true);
+    assert_eq!(
+        c.json["buildkit"],
+        serde_json::json!({"ok": true, "version": "fake-buildkit"})
+    );
+    assert_eq!(c.json["runtime"]["version"], "fake-runtime");
+    assert!(c.json["state_dir"]["path"].is_string());
+    assert!(
+        c.json["build_sources"]
+            .as_str()
+            .unwrap()
+            .starts_with("images only from 127.0.0.1:5000")
+    );
+    h.builder
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let c = get(&h, "/healthz", None).await;
+    assert_eq!(c.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(c.json["buildkit"]["ok"], false);
+    assert!(
+        c.json["buildkit"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("down")
+    );
+    let c = get(&h, "/metrics", None).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert!(
+        c.headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert!(c.text.contains("perfbox_queue_depth 0"), "{}", c.text);
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_owners_see_only_their_jobs() {
+    let h = fake_service(|c| {
+        c.tokens = vec![
+            crate::config::Token {
+                name: "alice".into(),
+                token: "alice-secret-1".into(),
+            },
+            crate::config::Token {
+                name: "bob".into(),
+                token: "bob-secret-22".into(),
+            },
+        ];
+    })
+    .await;
+    let df: &[u8] = b"# fake: perf=1\nFROM busybox\n";
+    let c = post(&h, &[("file", Some("d"), df)], None).await;
+    assert_error(&c, StatusCode::UNAUTHORIZED, "missing Authorization");
+    assert_eq!(c.headers["www-authenticate"], "Bearer");
+    assert_error(
+        &get(&h, "/jobs", Some("wrong")).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid token",
+    );
+    let c = post(&h, &[("file", Some("d"), df)], Some("alice-secret-1")).await;
+    assert_eq!(c.status, StatusCode::ACCEPTED);
+    let id = c.json["id"].as_i64().unwrap();
+    let path = format!("/job/performance/{id}");
+    assert_eq!(
+        get(&h, &path, Some("alice-secret-1")).await.status,
+        StatusCode::OK
+    );
+    assert_error(
+        &get(&h, &path, Some("bob-secret-22")).await,
+        StatusCode::NOT_FOUND,
+        "no job",
+    );
+    assert_eq!(
+        get(&h, "/jobs", Some("bob-secret-22")).await.json["total"],
+        0
+    );
+    assert_eq!(
+        get(&h, "/job/1", Some("alice-secret-1")).await.json["owner"],
+        "alice"
+    );
+    // /healthz needs no token; /metrics does.
+    assert_eq!(get(&h, "/healthz", None).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&h, "/metrics", None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}

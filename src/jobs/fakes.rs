@@ -1,0 +1,345 @@
+//! Fakes of the image builder and the runner, for unit tests of the job service and the API that
+//! need no root and no daemon. Each is scripted per Dockerfile: the first line of the Dockerfile
+//! (`# fake: <behaviour>`) says what the fake does with it.
+//!
+//! Builder behaviours: `build-fails`, `build-hangs` (until cancelled), `build-slow` (200 ms),
+//! `build-writes` (nothing special here; the real sampler is tested elsewhere); anything else
+//! builds an image whose rootfs holds a `marker` file with the Dockerfile's sha.
+//! Runner behaviours (same line): `run-hangs` (until cancelled), `run-exits-3`, `run-oom`,
+//! `run-no-perf`, `run-bad-perf`, `run-timeout`, `run-errors`; otherwise it reports `perf: 0.5`
+//! (or the number after `perf=`).
+
+#![allow(missing_docs)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+
+use super::service::Deps;
+use super::{BuildOptions, JobId, JobRecord, JobService, JobStatus, Runner, SqliteStore};
+use crate::buildkit::{BuildError, BuildLog, BuildRequest, BuiltImage, ImageBuilder};
+use crate::config::Config;
+use crate::image::ImageConfig;
+use crate::sandbox::build_cgroup::BuildCgroups;
+use crate::sandbox::perf::PerfError;
+use crate::sandbox::policy::AppliedLimits;
+use crate::sandbox::runtime::RuntimeKind;
+use crate::sandbox::{RunEnd, RunReport, RunRequest, SandboxError};
+
+/// The `# fake: …` line of a Dockerfile.
+fn script(dockerfile: &[u8]) -> String {
+    String::from_utf8_lossy(dockerfile)
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# fake:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+/// A builder that follows each Dockerfile's script.
+#[derive(Debug, Default)]
+pub struct FakeBuilder {
+    /// Builds started.
+    pub builds: AtomicUsize,
+    /// Builds running now (and the most at once).
+    pub running: AtomicUsize,
+    pub peak: AtomicUsize,
+    /// Prunes asked for.
+    pub prunes: AtomicUsize,
+    /// The requests seen (scope, cgroup parent, build args), for assertions.
+    pub seen: std::sync::Mutex<Vec<BuildRequest>>,
+    /// `version()` fails.
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+impl ImageBuilder for FakeBuilder {
+    fn build_image(
+        &self,
+        req: BuildRequest,
+        log: Arc<dyn BuildLog>,
+    ) -> BoxFuture<'_, Result<BuiltImage, BuildError>> {
+        Box::pin(async move {
+            self.builds.fetch_add(1, Ordering::SeqCst);
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            let _running = Dec(&self.running);
+            self.seen.lock().unwrap().push(req.clone());
+            let what = script(&req.dockerfile);
+            log.line(&format!("fake build: {what}"));
+            if what.contains("build-hangs") {
+                req.cancel.cancelled().await;
+                return Err(BuildError::Cancelled);
+            }
+            if what.contains("build-slow") {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    () = req.cancel.cancelled() => return Err(BuildError::Cancelled),
+                }
+            }
+            if what.contains("build-fails") {
+                return Err(BuildError::RunFailed {
+                    message:
+                        "process \"/bin/sh -c false\" did not complete successfully: exit code: 1"
+                            .into(),
+                    exit_code: Some(1),
+                    line: Some(2),
+                });
+            }
+            std::fs::create_dir_all(&req.rootfs_dir).unwrap();
+            std::fs::write(req.rootfs_dir.join("marker"), &req.dockerfile).unwrap();
+            let key = format!(
+                "fake-{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!(
+                    "{:?}{}",
+                    req.scope,
+                    String::from_utf8_lossy(&req.dockerfile)
+                )))
+            );
+            let exported = !req.skip_export.as_ref().is_some_and(|f| (f.0)(&key));
+            Ok(BuiltImage {
+                rootfs: req.rootfs_dir.clone(),
+                config: ImageConfig {
+                    cmd: Some(vec!["/bin/true".into()]),
+                    ..Default::default()
+                },
+                config_digest: Some("sha256:fake".into()),
+                cached_steps: 0,
+                total_steps: 1,
+                export_bytes: if exported { 100 } else { 0 },
+                export_duration: Duration::ZERO,
+                duration: Duration::ZERO,
+                rootfs_key: Some(key),
+                exported,
+            })
+        })
+    }
+
+    fn prune(&self) -> BoxFuture<'_, Result<u64, BuildError>> {
+        self.prunes.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(0) })
+    }
+
+    fn version(&self) -> BoxFuture<'_, Result<String, BuildError>> {
+        let down = self.down.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if down {
+                Err(BuildError::DaemonUnavailable {
+                    addr: "fake".into(),
+                    message: "down".into(),
+                })
+            } else {
+                Ok("fake-buildkit".into())
+            }
+        })
+    }
+
+    fn addr(&self) -> &str {
+        "unix:///fake.sock"
+    }
+}
+
+/// Limits a fake run reports: none applied.
+fn fake_limits() -> AppliedLimits {
+    let none = || crate::sandbox::policy::Enforcement::NotApplied {
+        reason: "fake runner".into(),
+    };
+    AppliedLimits {
+        memory: none(),
+        pids: none(),
+        cpu: none(),
+        nofile: none(),
+        fsize: none(),
+        tmpfs: none(),
+        timeout: none(),
+        log: none(),
+        data: none(),
+    }
+}
+
+struct Dec<'a>(&'a AtomicUsize);
+
+impl Drop for Dec<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A runner that follows the script of the Dockerfile whose image it runs (read from the rootfs's
+/// `marker`).
+#[derive(Debug, Default)]
+pub struct FakeRunner {
+    /// Runs started.
+    pub runs: AtomicUsize,
+    /// Runs going on now, and the most at once.
+    pub running: AtomicUsize,
+    pub peak: AtomicUsize,
+    /// Job dirs reaped.
+    pub reaped: std::sync::Mutex<Vec<std::path::PathBuf>>,
+}
+
+impl Runner for FakeRunner {
+    fn run<'a>(&'a self, req: RunRequest<'a>) -> BoxFuture<'a, Result<RunReport, SandboxError>> {
+        Box::pin(async move {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            let _running = Dec(&self.running);
+            let what = script(&std::fs::read(req.rootfs.join("marker")).unwrap_or_default());
+            std::fs::create_dir_all(req.job_dir.join("out")).unwrap();
+            std::fs::write(req.job_dir.join("run.log"), format!("fake run: {what}\n")).unwrap();
+            let report = |end: RunEnd, oom: bool, perf: Result<f64, PerfError>| RunReport {
+                end,
+                oom_killed: oom,
+                perf,
+                applied: fake_limits(),
+                cgroup_version: "none",
+                runtime: RuntimeKind::Runc,
+                log_dropped_bytes: 0,
+                log_tail: format!("fake run: {what}\n"),
+            };
+            if what.contains("run-errors") {
+                return Err(SandboxError::NoCommand);
+            }
+            if what.contains("run-hangs") {
+                req.cancel.cancelled().await;
+                return Ok(report(RunEnd::Cancelled, false, Err(PerfError::Missing)));
+            }
+            let perf = what
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("perf="))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0.5);
+            Ok(if what.contains("run-exits-3") {
+                report(RunEnd::Exited { code: 3 }, false, Err(PerfError::Missing))
+            } else if what.contains("run-oom") {
+                report(RunEnd::Exited { code: 137 }, true, Err(PerfError::Missing))
+            } else if what.contains("run-no-perf") {
+                report(RunEnd::Exited { code: 0 }, false, Err(PerfError::Missing))
+            } else if what.contains("run-bad-perf") {
+                report(
+                    RunEnd::Exited { code: 0 },
+                    false,
+                    Err(PerfError::NotANumber("\"x\"".into())),
+                )
+            } else if what.contains("run-timeout") {
+                report(RunEnd::TimedOut { after_secs: 8 }, false, Ok(perf))
+            } else {
+                report(RunEnd::Exited { code: 0 }, false, Ok(perf))
+            })
+        })
+    }
+
+    fn reap<'a>(&'a self, job_dir: &'a Path) -> BoxFuture<'a, ()> {
+        self.reaped.lock().unwrap().push(job_dir.to_path_buf());
+        Box::pin(async {})
+    }
+
+    fn version(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async { Ok("fake-runtime".into()) })
+    }
+
+    fn cgroup_version(&self) -> &'static str {
+        "none"
+    }
+
+    fn memory_limit(&self) -> u64 {
+        512
+    }
+}
+
+/// A job service on fakes, in a temporary state dir (kept as long as the returned guard).
+pub struct FakeService {
+    pub svc: JobService,
+    pub builder: Arc<FakeBuilder>,
+    pub runner: Arc<FakeRunner>,
+    pub dir: tempfile::TempDir,
+}
+
+/// The configuration of a [`FakeService`] in `dir`: defaults, no BuildKit root to watch, two
+/// build slots per owner.
+pub fn fake_config(dir: &Path) -> Config {
+    let mut cfg = Config {
+        state_dir: dir.to_path_buf(),
+        buildkit_root: None,
+        ..Default::default()
+    };
+    cfg.build.max_builds_per_owner = 2;
+    cfg
+}
+
+/// Start a job service on fakes with `cfg` in `dir`.
+pub async fn fake_service_in(dir: tempfile::TempDir, cfg: Config) -> FakeService {
+    let builder = Arc::new(FakeBuilder::default());
+    let runner = Arc::new(FakeRunner::default());
+    let store = SqliteStore::open(&cfg.state_dir.join("jobs.db")).unwrap();
+    let svc = JobService::start(Deps {
+        cfg,
+        store: Arc::new(store),
+        builder: builder.clone(),
+        runner: runner.clone(),
+        build_cgroups: BuildCgroups::Unavailable {
+            reason: "fake".into(),
+        },
+    })
+    .await
+    .unwrap();
+    FakeService {
+        svc,
+        builder,
+        runner,
+        dir,
+    }
+}
+
+/// Start a job service on fakes, its configuration tuned by `tune`.
+pub async fn fake_service(tune: impl FnOnce(&mut Config)) -> FakeService {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fake_config(dir.path());
+    tune(&mut cfg);
+    fake_service_in(dir, cfg).await
+}
+
+/// Driving a [`FakeService`] from tests: submit a scripted Dockerfile, wait for a status.
+impl FakeService {
+    pub fn submit_as(&self, who: &str, script: &str) -> JobId {
+        let df = format!("# fake: {script}\nFROM busybox\n");
+        self.svc
+            .submit(
+                "job.Dockerfile",
+                df.as_bytes(),
+                None,
+                who,
+                &BuildOptions::default(),
+            )
+            .unwrap()
+            .id
+    }
+
+    pub fn submit(&self, script: &str) -> JobId {
+        self.submit_as("anyone", script)
+    }
+
+    pub fn get(&self, id: JobId) -> JobRecord {
+        self.svc.get(id, &None).unwrap()
+    }
+
+    pub async fn wait_for(&self, id: JobId, want: impl Fn(JobStatus) -> bool) -> JobRecord {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rec = self.get(id);
+            if want(rec.status) {
+                return rec;
+            }
+            assert!(Instant::now() < deadline, "job {id} stuck: {rec:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub async fn finish(&self, id: JobId) -> JobRecord {
+        self.wait_for(id, JobStatus::is_terminal).await
+    }
+}

@@ -1,0 +1,100 @@
+//! [`JobDir`]: the one place that knows a job directory's layout.
+//!
+//! `<state_dir>/jobs/<id>/` (the service's user's; the state dir above it is not world-readable
+//! under systemd) holds what the submission brought
+//! (`Dockerfile`, `build-options.json`), what the build wrote (`build.log`), and what the sandbox
+//! writes there (`config.json`, the OCI spec the job ran with; `run.log`; `out/`, mounted at
+//! `/data`; `runtime/`, the runtime's state during the run). Image root filesystems are not here:
+//! they live in the shared image cache.
+
+use std::path::{Path, PathBuf};
+
+use super::BuildOptions;
+use crate::sandbox::{OUT_DIR, RUN_LOG, SPEC_FILE};
+
+/// The Dockerfile as submitted.
+const DOCKERFILE: &str = "Dockerfile";
+/// Build args and target, as submitted.
+const BUILD_OPTIONS: &str = "build-options.json";
+/// The build's progress log.
+const BUILD_LOG: &str = "build.log";
+
+/// A job's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobDir(PathBuf);
+
+impl JobDir {
+    /// The directory at `path` (nothing is created).
+    pub fn new(path: PathBuf) -> Self {
+        Self(path)
+    }
+
+    /// The directory itself (what the sandbox is given).
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Create it with the submission's Dockerfile and build options.
+    pub fn create(&self, dockerfile: &[u8], options: &BuildOptions) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.0)?;
+        std::fs::write(self.0.join(DOCKERFILE), dockerfile)?;
+        let options = serde_json::to_vec(options).map_err(std::io::Error::other)?;
+        std::fs::write(self.0.join(BUILD_OPTIONS), options)
+    }
+
+    /// The Dockerfile as submitted.
+    pub fn dockerfile(&self) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.0.join(DOCKERFILE))
+    }
+
+    /// The build options as submitted (none for jobs made before they existed).
+    pub fn build_options(&self) -> BuildOptions {
+        std::fs::read(self.0.join(BUILD_OPTIONS))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// The build log.
+    pub fn build_log(&self) -> PathBuf {
+        self.0.join(BUILD_LOG)
+    }
+
+    /// The run log (written by the sandbox).
+    pub fn run_log(&self) -> PathBuf {
+        self.0.join(RUN_LOG)
+    }
+
+    /// The OCI spec the job ran with (written by the sandbox).
+    pub fn spec(&self) -> PathBuf {
+        self.0.join(SPEC_FILE)
+    }
+
+    /// The job's `/data` (written by the job).
+    pub fn out(&self) -> PathBuf {
+        self.0.join(OUT_DIR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_round_trips() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = JobDir::new(t.path().join("jobs/7"));
+        let mut options = BuildOptions::default();
+        options.build_args.insert("A".into(), "1".into());
+        dir.create(b"FROM busybox\n", &options).unwrap();
+        assert_eq!(dir.dockerfile().unwrap(), b"FROM busybox\n");
+        assert_eq!(dir.build_options(), options);
+        assert_eq!(dir.build_log(), t.path().join("jobs/7/build.log"));
+        assert_eq!(dir.run_log(), t.path().join("jobs/7/run.log"));
+        assert_eq!(dir.spec(), t.path().join("jobs/7/config.json"));
+        assert_eq!(dir.out(), t.path().join("jobs/7/out"));
+        // A job from before build options existed.
+        std::fs::remove_file(t.path().join("jobs/7/build-options.json")).unwrap();
+        assert_eq!(dir.build_options(), BuildOptions::default());
+    }
+}

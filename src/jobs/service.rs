@@ -1,0 +1,455 @@
+//! [`JobService`]: the face of the job layer. The API calls it to submit, read, list and cancel
+//! jobs and to check health; it owns the store, the image builder and runner it was given, and
+//! starts the worker ([`super::worker`]). At start it recovers what a previous run left: jobs it
+//! held (or whose lease ran out) were building or running when it died; their containers are
+//! killed and they are recorded `interrupted`. Queued jobs need nothing: they are in the store.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::store::NewJob;
+use super::{
+    BuildOptions, JobDir, JobError, JobId, JobRecord, JobStatus, Owner, Patch, Runner, Store,
+    StoreError, images, metrics,
+};
+use crate::buildkit::{ImageBuilder, SourcePolicy};
+use crate::config::{BuildNetworkSetting, Config};
+use crate::sandbox::build_cgroup::{BuildCgroup, BuildCgroups};
+
+/// What the service is built from: the configuration and its three dependencies (real ones in
+/// `perfbox serve`, fakes in unit tests).
+pub struct Deps {
+    /// The configuration in force.
+    pub cfg: Config,
+    /// Records and queue.
+    pub store: Arc<dyn Store>,
+    /// Builds images.
+    pub builder: Arc<dyn ImageBuilder>,
+    /// Runs them.
+    pub runner: Arc<dyn Runner>,
+    /// Where builds' RUN steps get cgroups of their own ([`build_cgroups_for`] for the real host).
+    pub build_cgroups: BuildCgroups,
+}
+
+/// A running job: how to cancel it, and a flag that turns true when it is over.
+type Active = (CancellationToken, tokio::sync::watch::Receiver<bool>);
+
+pub(super) struct Inner {
+    pub(super) cfg: Config,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) builder: Arc<dyn ImageBuilder>,
+    pub(super) runner: Arc<dyn Runner>,
+    jobs_dir: PathBuf,
+    /// Wakes the worker: a job was queued, or a build slot freed.
+    pub(super) wake: Notify,
+    pub(super) run_slots: Arc<Semaphore>,
+    /// What every build may fetch.
+    pub(super) policy: SourcePolicy,
+    /// Where builds get cgroups of their own.
+    pub(super) build_cgroups: BuildCgroups,
+    /// Build cgroups in use, by name (an owner-scoped one is shared by that owner's builds).
+    pub(super) live_build_cgroups: Mutex<HashMap<String, Weak<BuildCgroup>>>,
+    /// This service's id (8 hex digits, kept in the state dir): part of every build scope, and
+    /// its name as a claimant of jobs.
+    pub(super) instance: String,
+    /// This program, which measures what builds write (`perfbox measure-tree`).
+    pub(super) exe: Option<PathBuf>,
+    pub(super) active: Mutex<HashMap<JobId, Active>>,
+    pub(super) metrics: metrics::Metrics,
+    pub(super) images: images::ImageCache,
+}
+
+/// The job service (cheap to clone).
+#[derive(Clone)]
+pub struct JobService {
+    pub(super) inner: Arc<Inner>,
+}
+
+/// Health of the service's dependencies.
+#[derive(Debug, serde::Serialize)]
+pub struct Health {
+    /// All good.
+    pub ok: bool,
+    /// buildkitd.
+    pub buildkit: Check,
+    /// The OCI runtime.
+    pub runtime: Check,
+    /// The state dir.
+    pub state_dir: Check,
+    /// cgroup layout for job limits.
+    pub cgroups: String,
+    /// Whether each build's RUN steps get a cgroup of their own, apart from the build daemon.
+    pub build_cgroups: String,
+    /// The source policy of every build.
+    pub build_sources: String,
+}
+
+/// One dependency's health: `{"ok": true, "version": "…"}` (or `"path"` for the state dir), or
+/// `{"ok": false, "error": "<why>"}`.
+#[derive(Debug, serde::Serialize)]
+pub struct Check {
+    /// Whether it works.
+    pub ok: bool,
+    /// Its version, when it works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Its path, when it works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Why not, when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Check {
+    fn new(r: Result<String, String>, is_path: bool) -> Self {
+        match r {
+            Ok(v) => Check {
+                ok: true,
+                version: (!is_path).then(|| v.clone()),
+                path: is_path.then_some(v),
+                error: None,
+            },
+            Err(error) => Check {
+                ok: false,
+                version: None,
+                path: None,
+                error: Some(error),
+            },
+        }
+    }
+}
+
+impl JobService {
+    /// Open the image cache, recover from a previous run, and start the worker. Must be called
+    /// within a tokio runtime.
+    pub async fn start(deps: Deps) -> Result<Self, JobError> {
+        let Deps {
+            cfg,
+            store,
+            builder,
+            runner,
+            build_cgroups,
+        } = deps;
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        let jobs_dir = cfg.state_dir.join("jobs");
+        std::fs::create_dir_all(&jobs_dir)?;
+        let images =
+            images::ImageCache::open(&cfg.state_dir.join("images"), cfg.image_cache_bytes)?;
+        let policy = cfg
+            .source_policy()
+            .map_err(|e| JobError::InvalidRequest(e.to_string()))?;
+        tracing::info!(build_cgroups = %build_cgroups.describe(), "build isolation");
+        let instance = instance_id(&cfg.state_dir)?;
+        let inner = Arc::new(Inner {
+            wake: Notify::new(),
+            run_slots: Arc::new(Semaphore::new(cfg.max_concurrent_runs)),
+            policy,
+            build_cgroups,
+            live_build_cgroups: Mutex::new(HashMap::new()),
+            instance,
+            exe: std::env::current_exe().ok(),
+            cfg,
+            store,
+            builder,
+            runner,
+            jobs_dir,
+            active: Mutex::new(HashMap::new()),
+            metrics: metrics::Metrics::default(),
+            images,
+        });
+        let svc = JobService { inner };
+        svc.recover().await?;
+        tokio::spawn(svc.clone().work());
+        Ok(svc)
+    }
+
+    /// Jobs this service held when it died, or whose lease ran out, are `interrupted` (their
+    /// containers, if still alive, killed and deleted).
+    async fn recover(&self) -> Result<(), JobError> {
+        let store = &self.inner.store;
+        for id in store.stale(&self.inner.instance)? {
+            let Some(rec) = store.get(id)? else { continue };
+            self.inner.runner.reap(self.job_dir(id).path()).await;
+            let patch = Patch {
+                error: Some(format!(
+                    "perfbox stopped while the job was {}; it did not finish",
+                    rec.status
+                )),
+                ..Default::default()
+            };
+            match store.transition(id, JobStatus::Interrupted, patch) {
+                Ok(_) => tracing::warn!(job = id, "marked interrupted after restart"),
+                Err(StoreError::IncorrectStatus { .. }) => {} // finished meanwhile
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory of a job.
+    pub fn job_dir(&self, id: JobId) -> JobDir {
+        JobDir::new(self.inner.jobs_dir.join(id.to_string()))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// Accept a Dockerfile from `submitter` (the owner, or the client's address without tokens:
+    /// whose share of build slots it uses): validate, record, queue. Never waits for the build.
+    pub fn submit(
+        &self,
+        filename: &str,
+        dockerfile: &[u8],
+        owner: Owner,
+        submitter: &str,
+        options: &BuildOptions,
+    ) -> Result<JobRecord, JobError> {
+        options.validate()?;
+        let max = self.inner.cfg.max_dockerfile_bytes;
+        if dockerfile.len() > max {
+            return Err(JobError::TooLarge {
+                size: dockerfile.len(),
+                max,
+            });
+        }
+        let text = std::str::from_utf8(dockerfile).map_err(|e| {
+            JobError::InvalidDockerfile(format!("the Dockerfile is not UTF-8 text: {e}"))
+        })?;
+        if text.trim().is_empty() {
+            return Err(JobError::InvalidDockerfile(
+                "the Dockerfile is empty".into(),
+            ));
+        }
+        if text.contains('\0') {
+            return Err(JobError::InvalidDockerfile(
+                "the Dockerfile contains NUL bytes".into(),
+            ));
+        }
+        let filename = sanitize_filename(filename);
+        let sha = hex::encode(Sha256::digest(dockerfile));
+        let new = NewJob {
+            filename: &filename,
+            owner: owner.as_deref(),
+            submitter,
+            dockerfile_sha256: &sha,
+        };
+        // The job's directory is written before the job is visible to any worker; if that fails
+        // there is no job.
+        let rec = self
+            .inner
+            .store
+            .insert(&new, self.inner.cfg.max_queued_jobs, &mut |id| {
+                let dir = self.job_dir(id);
+                dir.create(dockerfile, options).inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(dir.path());
+                })
+            })?;
+        self.inner.wake.notify_one();
+        Ok(rec)
+    }
+
+    /// A job, if `owner` may see it.
+    pub fn get(&self, id: JobId, owner: &Owner) -> Result<JobRecord, JobError> {
+        match self.inner.store.get(id)? {
+            Some(r) if owner.is_none() || r.owner == *owner => Ok(r),
+            _ => Err(JobError::NotFound(id)),
+        }
+    }
+
+    /// Queued jobs ahead of this one.
+    pub fn queue_position(&self, id: JobId) -> Result<i64, JobError> {
+        Ok(self.inner.store.queue_position(id)?)
+    }
+
+    /// A page of jobs visible to `owner`, newest first.
+    pub fn list(
+        &self,
+        owner: &Owner,
+        before: Option<JobId>,
+        limit: usize,
+    ) -> Result<(Vec<JobRecord>, i64), JobError> {
+        let jobs = self.inner.store.list(owner.as_deref(), before, limit)?;
+        Ok((jobs, self.inner.store.count(owner.as_deref())?))
+    }
+
+    /// The OCI spec the job ran with (its config.json, verbatim).
+    pub fn spec(&self, id: JobId, owner: &Owner) -> Result<serde_json::Value, JobError> {
+        self.get(id, owner)?;
+        let text =
+            std::fs::read_to_string(self.job_dir(id).spec()).map_err(|_| JobError::NoSpec(id))?;
+        serde_json::from_str(&text).map_err(|_| JobError::NoSpec(id))
+    }
+
+    /// The log files of a job, build first.
+    pub fn log_paths(&self, id: JobId, owner: &Owner) -> Result<[PathBuf; 2], JobError> {
+        self.get(id, owner)?;
+        let dir = self.job_dir(id);
+        Ok([dir.build_log(), dir.run_log()])
+    }
+
+    /// Cancel a job: a queued one at once; a building or running one by stopping the build or
+    /// killing the container, waiting until that is done (so no container is left on return).
+    pub async fn cancel(&self, id: JobId, owner: &Owner) -> Result<JobRecord, JobError> {
+        // A job the worker has just claimed is registered a moment later: look again shortly.
+        for _ in 0..250 {
+            let rec = self.get(id, owner)?;
+            if rec.status.is_terminal() {
+                return Err(JobError::Finished {
+                    id,
+                    status: rec.status,
+                });
+            }
+            let active = self
+                .inner
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned();
+            if let Some((token, mut done)) = active {
+                token.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(30), done.wait_for(|d| *d)).await;
+                return self.get(id, owner);
+            }
+            if rec.status == JobStatus::Queued {
+                let patch = Patch {
+                    error: Some("cancelled by request before it started".into()),
+                    ..Default::default()
+                };
+                match self.inner.store.transition(id, JobStatus::Cancelled, patch) {
+                    Ok(rec) => return Ok(rec),
+                    Err(StoreError::IncorrectStatus { .. }) => continue, // claimed meanwhile
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Building or running, but not here (its worker is gone): record it cancelled.
+        let patch = Patch {
+            error: Some("cancelled by request; no worker held it".into()),
+            ..Default::default()
+        };
+        Ok(self
+            .inner
+            .store
+            .transition(id, JobStatus::Cancelled, patch)?)
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> Result<String, JobError> {
+        let counts = self.inner.store.counts()?;
+        let depth = self.inner.store.queue_depth()?;
+        Ok(self.inner.metrics.render(&counts, depth))
+    }
+
+    /// Check buildkitd, the runtime and the state dir.
+    pub async fn health(&self) -> Health {
+        let buildkit = match tokio::time::timeout(
+            Duration::from_secs(3),
+            self.inner.builder.version(),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within 3 s".into()),
+        };
+        let runtime = self.inner.runner.version().await;
+        let probe = self
+            .inner
+            .cfg
+            .state_dir
+            .join(format!(".healthz-{}", std::process::id()));
+        let state_dir = std::fs::write(&probe, b"ok")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map(|_| self.inner.cfg.state_dir.display().to_string())
+            .map_err(|e| format!("{}: {e}", self.inner.cfg.state_dir.display()));
+        let policy = &self.inner.policy;
+        let remote: Vec<&str> = policy
+            .remote_sources()
+            .iter()
+            .map(|r| r.pattern())
+            .collect();
+        Health {
+            ok: buildkit.is_ok() && runtime.is_ok() && state_dir.is_ok(),
+            buildkit: Check::new(buildkit, false),
+            runtime: Check::new(runtime, false),
+            state_dir: Check::new(state_dir, true),
+            cgroups: self.inner.runner.cgroup_version().to_string(),
+            build_cgroups: self.inner.build_cgroups.describe(),
+            build_sources: format!(
+                "images only from {}; other remote sources: {}",
+                policy.registries().join(", "),
+                if remote.is_empty() {
+                    "none".to_string()
+                } else {
+                    remote.join(", ")
+                }
+            ),
+        }
+    }
+}
+
+/// This service's instance id: 8 random hex digits made once and kept in `<state_dir>/instance`.
+fn instance_id(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join("instance");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if id.trim().len() == 8 && id.trim().chars().all(|c| c.is_ascii_hexdigit()) => {
+            Ok(id.trim().to_owned())
+        }
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+            std::fs::write(&path, &id)?;
+            Ok(id)
+        }
+    }
+}
+
+/// Where this service's builds get cgroups of their own: only with a local daemon that perfbox's
+/// setup started (`--oci-worker-rootless=false`), never the networked one (it keeps BuildKit's
+/// rootless mode) nor a remote one.
+pub fn build_cgroups_for(cfg: &Config, addr: &str) -> BuildCgroups {
+    if cfg.build_network == BuildNetworkSetting::Isolated {
+        return BuildCgroups::Unavailable {
+            reason: "networked builds (build_network = \"isolated\") run on buildkitd-net, which keeps RUN steps in its own cgroup".into(),
+        };
+    }
+    if addr.starts_with("tcp://") {
+        return BuildCgroups::Unavailable {
+            reason: format!("the build daemon is remote ({addr}): its host places RUN steps"),
+        };
+    }
+    BuildCgroups::detect(&cfg.build.cgroup_parent, nix::unistd::geteuid().as_raw())
+}
+
+/// A safe display name for an uploaded file (it is only shown, never used as a path).
+fn sanitize_filename(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let clean: String = base.chars().filter(|c| !c.is_control()).take(255).collect();
+    if clean.is_empty() {
+        "Dockerfile".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn filenames_are_display_only() {
+        assert_eq!(super::sanitize_filename("../../etc/passwd"), "passwd");
+        assert_eq!(super::sanitize_filename(""), "Dockerfile");
+        assert_eq!(
+            super::sanitize_filename("job\n.Dockerfile"),
+            "job.Dockerfile"
+        );
+    }
+}
