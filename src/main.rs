@@ -195,11 +195,14 @@ async fn main() -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    // Colours only for a terminal: a log file (scripts/services, journald) gets plain text.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "perfbox=info".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let mut cfg = Config::load(args.config.as_deref())?;
     if let Some(b) = args.bind {
@@ -323,7 +326,7 @@ async fn submit(
     }
     let id = body["id"].as_i64().context("no id in the answer")?;
     if !wait {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        println!("{id}");
         return Ok(());
     }
     eprintln!("job {id} submitted");

@@ -276,7 +276,7 @@ pub async fn metrics(
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            crate::jobs::metrics::CONTENT_TYPE,
         )],
         text,
     )

@@ -346,7 +346,7 @@ async fn health_and_metrics() {
         c.headers[header::CONTENT_TYPE]
             .to_str()
             .unwrap()
-            .starts_with("text/plain")
+            .starts_with("application/openmetrics-text")
     );
     assert!(c.text.contains("perfbox_queue_depth 0"), "{}", c.text);
 }

@@ -183,6 +183,23 @@ pub enum ExportError {
     Task(String),
 }
 
+/// An error and its sources, for humans: `message: cause: cause…`, each cause once (a cause whose
+/// text the message already holds is not repeated). The one walker of error sources in the
+/// BuildKit client.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// What BuildKit attached to an error, decoded from `grpc-status-details-bin`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct ErrorDetails {

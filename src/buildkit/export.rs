@@ -29,7 +29,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::error::ExportError;
+use super::error::{ExportError, error_chain};
 
 /// How many daemon messages may wait between the network and the unpacker.
 pub(crate) const CHANNEL_CHUNKS: usize = 8;
@@ -396,18 +396,6 @@ fn relative_path(raw: &[u8]) -> Result<Option<PathBuf>, &'static str> {
         }
     }
     Ok((!rel.as_os_str().is_empty()).then_some(rel))
-}
-
-/// The error and all its sources, joined with ": ".
-fn error_chain(e: &io::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.get_ref().and_then(|inner| inner.source());
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
 }
 
 /// Whether tar refused an entry because it would land outside the target.

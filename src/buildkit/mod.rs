@@ -25,7 +25,9 @@
 
 #![forbid(unsafe_code)]
 
+mod build;
 mod client;
+mod connect;
 mod definition;
 mod error;
 mod export;
@@ -43,7 +45,8 @@ use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use self::client::{BuildkitClient, TlsOptions};
+pub use self::client::BuildkitClient;
+pub use self::connect::TlsOptions;
 pub use self::definition::DefinitionError;
 pub use self::error::{BuildError, ExportError};
 pub use self::export::{UnpackStats, unpack_tar};

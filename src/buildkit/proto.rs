@@ -13,7 +13,7 @@ pub(crate) mod control {
     pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::control_client::ControlClient;
     pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::{
         BytesMessage, Exporter, InfoRequest, ListWorkersRequest, PruneRequest, SolveRequest,
-        StatusRequest, StatusResponse,
+        SolveResponse, StatusRequest, StatusResponse,
     };
     #[cfg(test)]
     pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::{Vertex, VertexLog};

@@ -1,58 +1,116 @@
-//! Service metrics in Prometheus text format: jobs by status and queue depth (from the store),
-//! and phase durations (sum and count per phase).
+//! Service metrics, in the OpenMetrics text format (the `prometheus-client` crate): jobs by
+//! status and queue depth (read from the store at each scrape), and phase durations (a histogram
+//! per phase: build, run).
 
-use std::fmt::Write;
-use std::sync::Mutex;
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
 use super::state::JobStatus;
 
-/// Phase durations, in memory (job counts and the queue come from the store).
-#[derive(Debug, Default)]
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+/// The service's metrics.
+#[derive(Debug)]
 pub struct Metrics {
-    phases: Mutex<Vec<(&'static str, f64, u64)>>,
+    registry: Registry,
+    jobs: Family<StatusLabel, Gauge>,
+    queue_depth: Gauge,
+    phases: Family<PhaseLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let jobs = Family::<StatusLabel, Gauge>::default();
+        let queue_depth = Gauge::default();
+        let phases = Family::<PhaseLabel, Histogram>::new_with_constructor(|| {
+            // 50 ms to ~14 min.
+            Histogram::new(exponential_buckets(0.05, 2.0, 15))
+        });
+        registry.register("perfbox_jobs", "Jobs by status", jobs.clone());
+        registry.register(
+            "perfbox_queue_depth",
+            "Jobs waiting for a build slot",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "perfbox_phase_seconds",
+            "Time spent per phase (build, run)",
+            phases.clone(),
+        );
+        Self {
+            registry,
+            jobs,
+            queue_depth,
+            phases,
+        }
+    }
 }
 
 impl Metrics {
     /// Record a phase duration.
     pub fn observe(&self, phase: &'static str, d: Duration) {
-        let mut p = self.phases.lock().unwrap_or_else(|e| e.into_inner());
-        match p.iter_mut().find(|(n, _, _)| *n == phase) {
-            Some(e) => {
-                e.1 += d.as_secs_f64();
-                e.2 += 1;
-            }
-            None => p.push((phase, d.as_secs_f64(), 1)),
-        }
+        self.phases
+            .get_or_create(&PhaseLabel { phase })
+            .observe(d.as_secs_f64());
     }
 
-    /// Prometheus exposition text.
+    /// The exposition text, with the store's job counts and queue depth as of now.
     pub fn render(&self, counts: &[(JobStatus, i64)], queue_depth: i64) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP perfbox_jobs Jobs by status.\n# TYPE perfbox_jobs gauge"
-        );
-        for st in JobStatus::ALL {
-            let n = counts.iter().find(|(c, _)| *c == st).map_or(0, |(_, n)| *n);
-            let _ = writeln!(s, "perfbox_jobs{{status=\"{st}\"}} {n}");
+        for status in JobStatus::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            self.jobs
+                .get_or_create(&StatusLabel {
+                    status: status.as_str(),
+                })
+                .set(n);
         }
-        let _ = writeln!(
-            s,
-            "# HELP perfbox_queue_depth Jobs waiting for a build slot.\n# TYPE perfbox_queue_depth gauge"
-        );
-        let _ = writeln!(s, "perfbox_queue_depth {queue_depth}");
-        let _ = writeln!(
-            s,
-            "# HELP perfbox_phase_seconds Time spent per phase.\n# TYPE perfbox_phase_seconds summary"
-        );
-        for (phase, sum, count) in self.phases.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(s, "perfbox_phase_seconds_sum{{phase=\"{phase}\"}} {sum}");
-            let _ = writeln!(
-                s,
-                "perfbox_phase_seconds_count{{phase=\"{phase}\"}} {count}"
-            );
+        self.queue_depth.set(queue_depth);
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_depth_and_phases() {
+        let m = Metrics::default();
+        m.observe("build", Duration::from_millis(300));
+        m.observe("build", Duration::from_millis(100));
+        let text = m.render(&[(JobStatus::Succeeded, 3)], 2);
+        for line in [
+            "perfbox_jobs{status=\"succeeded\"} 3",
+            "perfbox_jobs{status=\"queued\"} 0",
+            "perfbox_queue_depth 2",
+            "perfbox_phase_seconds_count{phase=\"build\"} 2",
+            "perfbox_phase_seconds_sum{phase=\"build\"} 0.4",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
         }
-        s
     }
 }
