@@ -8,7 +8,8 @@
 //! 5. scale: 200 submissions at once; service RSS peak and idle
 //! 6. export: a ~200 MB image (python base + generated data), solve to runnable rootfs
 //!
-//! `cargo bench --bench suite [-- --short] [-- --write]` as root after scripts/setup; `--short`
+//! `cargo bench --bench suite [-- --short] [-- --write] [-- --shared-cache]` as root after
+//! scripts/setup; `--shared-cache` runs the service with one owner's cache shared (see main); `--short`
 //! is the quick version CI may run (it never fails on a number).
 
 #[path = "../tests/common/mod.rs"]
@@ -220,11 +221,26 @@ fn main() {
     };
     let work = TestDir::new("bench-suite");
     let template = runc_template(work.path());
-    let svc = Service::start_with(
-        binary.clone(),
-        "bench-svc",
-        &[("PERFBOX_MAX_CONCURRENT_RUNS", "4")],
+    // `--shared-cache`: the cache shared by one owner's jobs and two build slots for it, as
+    // before build isolation (to compare the pipeline itself); default: the shipped defaults
+    // (every job's cache its own, one build slot per owner).
+    let shared = args.iter().any(|a| a == "--shared-cache");
+    let mut env = vec![("PERFBOX_MAX_CONCURRENT_RUNS", "4")];
+    if shared {
+        env.extend([
+            ("PERFBOX_BUILD_CACHE_SCOPE", "owner"),
+            ("PERFBOX_MAX_BUILDS_PER_OWNER", "2"),
+        ]);
+    }
+    println!(
+        "service: {}",
+        if shared {
+            "cache_scope = owner, max_builds_per_owner = 2 (--shared-cache)"
+        } else {
+            "shipped defaults (cache_scope = job, max_builds_per_owner = 1)"
+        }
     );
+    let svc = Service::start_with(binary.clone(), "bench-svc", &env);
     let pid = service_pid(&svc);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = Client {

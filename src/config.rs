@@ -72,6 +72,30 @@ pub struct BuildIsolation {
     pub max_image_files: u64,
     /// Build slots one owner (token, or client address without tokens) may hold at once.
     pub max_builds_per_owner: usize,
+    /// Logins for registries that ask for one (the daemon asks perfbox's session for them).
+    pub registry_logins: Vec<RegistryLogin>,
+}
+
+/// A login for one registry (`[[build.registry_logins]]`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    /// The registry host as the daemon names it (`127.0.0.1:5000`, `registry.example.org`).
+    pub host: String,
+    /// User name.
+    pub username: String,
+    /// Password or token (never printed).
+    pub secret: String,
+}
+
+impl std::fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryLogin")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Default for BuildIsolation {
@@ -86,6 +110,7 @@ impl Default for BuildIsolation {
             max_image_bytes: 8 << 30,
             max_image_files: 1_000_000,
             max_builds_per_owner: 1,
+            registry_logins: vec![],
         }
     }
 }
@@ -354,6 +379,15 @@ impl Config {
 }
 
 impl Config {
+    /// The registry logins, as the BuildKit session serves them.
+    pub fn registry_credentials(&self) -> crate::buildkit::RegistryCredentials {
+        let mut creds = crate::buildkit::RegistryCredentials::new();
+        for l in &self.build.registry_logins {
+            creds.insert(l.host.clone(), l.username.clone(), l.secret.clone());
+        }
+        creds
+    }
+
     /// The source policy of every build ([`crate::buildkit::policy`]), from `build.registries`
     /// and `build.allowed_remote_sources`.
     pub fn source_policy(&self) -> Result<crate::buildkit::SourcePolicy, ConfigError> {
@@ -387,6 +421,15 @@ mod tests {
         c.build.registries = vec!["127.0.0.1:5000".into()];
         c.build.max_builds_per_owner = 0;
         assert!(c.validate().is_err());
+        let login: Config = toml::from_str(
+            "[[build.registry_logins]]\nhost = \"reg.example\"\nusername = \"u\"\nsecret = \"s3cret\"\n",
+        )
+        .unwrap();
+        assert!(!login.registry_credentials().is_empty());
+        assert!(
+            !format!("{login:?}").contains("s3cret"),
+            "secrets are not printed"
+        );
         let mut c = Config::default();
         c.apply_env(|k| match k {
             "PERFBOX_REGISTRIES" => Some("127.0.0.1:5001,reg.example".into()),
@@ -440,6 +483,46 @@ mod tests {
 #[cfg(test)]
 mod example_tests {
     use super::*;
+
+    /// The scripts lay the machine out (scripts/lib/common.sh); the service's defaults must name
+    /// the same places.
+    #[test]
+    fn defaults_match_the_scripts_layout() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/common.sh");
+        let text = std::fs::read_to_string(path).unwrap();
+        let default_of = |var: &str| -> String {
+            let prefix = format!("{var}=${{{var}:-");
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("{var} has no default in common.sh"));
+            line[prefix.len()..line.rfind('}').unwrap()].to_owned()
+        };
+        let c = Config::default();
+        let state = default_of("PERFBOX_STATE");
+        let run = default_of("PERFBOX_RUN");
+        let cgroup = default_of("PERFBOX_CGROUP");
+        assert_eq!(c.state_dir, Path::new(&state).join("service"));
+        assert_eq!(
+            c.buildkit_addr,
+            format!("unix://{run}/buildkit/buildkitd.sock")
+        );
+        assert_eq!(
+            c.buildkit_net_addr,
+            format!("unix://{run}/buildkit-net/buildkitd.sock")
+        );
+        assert_eq!(
+            c.buildkit_root.as_deref(),
+            Some(Path::new(&state).join("buildkit/root").as_path())
+        );
+        assert_eq!(c.build.registries, [default_of("PERFBOX_REGISTRY")]);
+        assert_eq!(c.build.cgroup_parent, format!("/{cgroup}-build/runs"));
+        assert_eq!(c.bind, default_of("PERFBOX_BIND"));
+        assert_eq!(
+            crate::sandbox::cgroups::DEFAULT_PARENT,
+            format!("/{cgroup}")
+        );
+    }
 
     /// The shipped example documents every option with its real default.
     #[test]

@@ -256,7 +256,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Some(tls) => BuildkitClient::connect_tls(&build_addr, tls).await,
         None => BuildkitClient::connect(&build_addr).await,
     }
-    .context("buildkit client")?;
+    .context("buildkit client")?
+    .with_registry_credentials(cfg.registry_credentials());
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
     let store = SqliteStore::open(&cfg.state_dir.join("jobs.db")).context("job database")?;

@@ -142,34 +142,7 @@ impl<'c> Build<'c> {
             evaluate: true,
             ..Default::default()
         };
-        let frontend = tokio::select! {
-            outer = &mut outer_solve => {
-                // The outer solve cannot succeed before the frontend returned.
-                return Err(match outer {
-                    Err(status) => self.client.solve_error(&status),
-                    Ok(_) => BuildError::Other {
-                        message: "solve finished before the frontend returned".to_owned(),
-                    },
-                });
-            }
-            r = bridge.solve(self.with_build_id(inner)?) => r,
-        };
-        let result = match frontend {
-            Ok(resp) => resp.into_inner().result.ok_or_else(|| BuildError::Other {
-                message: "frontend returned no result".to_owned(),
-            })?,
-            Err(status) if error::is_transport_error(&status) => {
-                return Err(self.client.solve_error(&status));
-            }
-            Err(status) => {
-                // Hand the error back so the outer solve ends with it, then report the
-                // frontend's status (it carries the Dockerfile line and exit code details).
-                self.hand_back(&mut bridge, None, rpc_status(&status)).await;
-                let _ = tokio::time::timeout(WIND_DOWN, &mut outer_solve).await;
-                return Err(error::classify(&status));
-            }
-        };
-
+        let result = self.frontend(&mut bridge, &mut outer_solve, inner).await?;
         let (config, config_digest) = image_config(&result)?;
         check_result_defs(&result)?;
         let rootfs_key = rootfs_key(&result);
@@ -220,6 +193,46 @@ impl<'c> Build<'c> {
             rootfs_key,
             export: Some(export),
         })
+    }
+
+    /// The Dockerfile frontend through the gateway: its result, or its error (handed back to
+    /// the outer solve so that it ends with it).
+    async fn frontend<F>(
+        &self,
+        bridge: &mut LlbBridgeClient<Channel>,
+        outer_solve: &mut std::pin::Pin<&mut F>,
+        inner: gateway::SolveRequest,
+    ) -> Result<GatewayResult, BuildError>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<SolveResponse>, tonic::Status>>,
+    {
+        let frontend = tokio::select! {
+            outer = outer_solve.as_mut() => {
+                // The outer solve cannot succeed before the frontend returned.
+                return Err(match outer {
+                    Err(status) => self.client.solve_error(&status),
+                    Ok(_) => BuildError::Other {
+                        message: "solve finished before the frontend returned".to_owned(),
+                    },
+                });
+            }
+            r = bridge.solve(self.with_build_id(inner)?) => r,
+        };
+        match frontend {
+            Ok(resp) => resp.into_inner().result.ok_or_else(|| BuildError::Other {
+                message: "frontend returned no result".to_owned(),
+            }),
+            Err(status) if error::is_transport_error(&status) => {
+                Err(self.client.solve_error(&status))
+            }
+            Err(status) => {
+                // Hand the error back so the outer solve ends with it, then report the
+                // frontend's status (it carries the Dockerfile line and exit code details).
+                self.hand_back(bridge, None, rpc_status(&status)).await;
+                let _ = tokio::time::timeout(WIND_DOWN, outer_solve.as_mut()).await;
+                Err(error::classify(&status))
+            }
+        }
     }
 
     /// What the unpacker made of the export, once the outer solve has ended with `outer`.

@@ -44,6 +44,13 @@ struct Image {
     patch: Patch,
 }
 
+/// What a build writes to: a staging directory for the export, and the slot where a root
+/// filesystem the cache already held is leased instead.
+struct Staged {
+    staging: Staging,
+    reused: Arc<Mutex<Option<images::Lease>>>,
+}
+
 /// A directory an export is unpacked into, removed unless it was handed to the image cache.
 struct Staging(Option<PathBuf>);
 
@@ -100,57 +107,85 @@ impl JobService {
         cancel: &CancellationToken,
         record: &mut Option<BuildRecord>,
     ) -> Result<Image, Ending> {
-        let cfg = &self.inner.cfg;
-        let dockerfile = dir.dockerfile().map_err(|e| {
-            (
-                JobStatus::BuildFailed,
-                format!("cannot read the stored Dockerfile: {e}"),
-            )
-        })?;
-        let log: Arc<dyn BuildLog> = Arc::new(FileLog::append(&dir.build_log()).map_err(|e| {
-            (
-                JobStatus::BuildFailed,
-                format!("cannot create build.log: {e}"),
-            )
-        })?);
+        let failed = |what: &str| {
+            let what = what.to_owned();
+            move |e: String| (JobStatus::BuildFailed, format!("{what}: {e}"))
+        };
+        let dockerfile = dir
+            .dockerfile()
+            .map_err(|e| failed("cannot read the stored Dockerfile")(e.to_string()))?;
+        let log: Arc<dyn BuildLog> = Arc::new(
+            FileLog::append(&dir.build_log())
+                .map_err(|e| failed("cannot create build.log")(e.to_string()))?,
+        );
         let options = dir.build_options();
         let scope = self.scope_tag(rec);
-        let cgroup = self.build_cgroup(&scope).map_err(|e| {
-            (
-                JobStatus::BuildFailed,
-                format!("cannot prepare the build's cgroup: {e}"),
-            )
-        })?;
+        let cgroup = self
+            .build_cgroup(&scope)
+            .map_err(failed("cannot prepare the build's cgroup"))?;
         *record = Some(self.build_record(&scope, cgroup.as_deref()));
         let started = Instant::now();
-
-        // An identical Dockerfile of the same scope (owner scope only: with the job scope nothing
-        // is shared) reuses its image without a build.
         let sha = hex::encode(Sha256::digest(&dockerfile));
-        let alias_key = (cfg.build.cache_scope == CacheScope::Owner
+        // An identical Dockerfile of the same scope (owner scope only: with the job scope
+        // nothing is shared) reuses its image without a build.
+        let alias_key = (self.inner.cfg.build.cache_scope == CacheScope::Owner
             && options == super::BuildOptions::default())
         .then(|| hex::encode(Sha256::digest(format!("{scope}\n{sha}").as_bytes())));
-        if let Some((alias, lease)) = alias_key
-            .as_deref()
-            .and_then(|k| self.inner.images.lookup_alias(k))
-        {
-            log.line(&format!(
-                "perfbox: an identical Dockerfile was built before; reusing its cached image (rootfs {}, config {}) without calling BuildKit",
-                alias.rootfs_key,
-                alias.config_digest.as_deref().unwrap_or("-")
-            ));
-            self.inner.metrics.observe("build", started.elapsed());
-            return Ok(Image {
-                config: alias.config,
-                lease,
-                patch: Patch {
-                    image_digest: alias.config_digest,
-                    image_cache: Some("hit".into()),
-                    ..Default::default()
-                },
-            });
-        }
+        let image = match self.cached_image(alias_key.as_deref(), &log) {
+            Some(image) => image,
+            None => {
+                let (mut req, staged) = self.build_request(dockerfile, options, &scope, cancel)?;
+                req.cgroup_parent = cgroup.as_ref().map(|cg| cg.frontend_parent().to_owned());
+                let built = self.build(req, &log, cgroup.as_deref()).await;
+                if let (
+                    Some(cg),
+                    Some(BuildRecord {
+                        cgroup: BuildCgroupRecord::Own { used, .. },
+                        ..
+                    }),
+                ) = (&cgroup, record.as_mut())
+                {
+                    // Evidence that the daemon ran RUN steps in the build's cgroup.
+                    *used = cg.used();
+                }
+                drop(cgroup);
+                self.keep_image(built?, staged, &sha, alias_key.as_deref())?
+            }
+        };
+        self.inner.metrics.observe("build", started.elapsed());
+        Ok(image)
+    }
 
+    /// The image an identical Dockerfile built before, from the image cache.
+    fn cached_image(&self, alias_key: Option<&str>, log: &Arc<dyn BuildLog>) -> Option<Image> {
+        let (alias, lease) = self.inner.images.lookup_alias(alias_key?)?;
+        log.line(&format!(
+            "perfbox: an identical Dockerfile was built before; reusing its cached image (rootfs {}, config {}) without calling BuildKit",
+            alias.rootfs_key,
+            alias.config_digest.as_deref().unwrap_or("-")
+        ));
+        Some(Image {
+            config: alias.config,
+            lease,
+            patch: Patch {
+                image_digest: alias.config_digest,
+                image_cache: Some("hit".into()),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The build of `dockerfile` in `scope`, with every isolation setting of the configuration,
+    /// unpacked into a fresh staging directory of the image cache. After the solve and before
+    /// the export, a root filesystem the cache already holds is leased instead of exported.
+    fn build_request(
+        &self,
+        dockerfile: Vec<u8>,
+        options: super::BuildOptions,
+        scope: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(BuildRequest, Staged), Ending> {
+        let cfg = &self.inner.cfg;
         let staging = Staging(Some(self.inner.images.staging_dir()));
         let mut req = BuildRequest::new(dockerfile, staging.path().to_path_buf());
         req.network = match cfg.build_network {
@@ -162,13 +197,13 @@ impl JobService {
         req.target = options.target;
         req.source_policy = self.inner.policy.clone();
         req.scope =
-            Some(BuildScope::new(&scope).map_err(|e| (JobStatus::BuildFailed, e.to_string()))?);
+            Some(BuildScope::new(scope).map_err(|e| (JobStatus::BuildFailed, e.to_string()))?);
         req.max_image_bytes = Some(cfg.build.max_image_bytes);
-        req.cgroup_parent = cgroup.as_ref().map(|cg| cg.frontend_parent().to_owned());
-        // After the solve, before the export: if the cache holds this rootfs, lease it (so it
-        // cannot be evicted) and skip the export.
-        let reused: Arc<Mutex<Option<images::Lease>>> = Arc::new(Mutex::new(None));
-        let (cache, slot) = (self.inner.images.clone(), reused.clone());
+        let reused: Staged = Staged {
+            staging,
+            reused: Arc::new(Mutex::new(None)),
+        };
+        let (cache, slot) = (self.inner.images.clone(), reused.reused.clone());
         req.skip_export = Some(ExportFilter(Arc::new(move |key| match cache.lease(key) {
             Some(lease) => {
                 *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
@@ -176,23 +211,23 @@ impl JobService {
             }
             None => false,
         })));
+        Ok((req, reused))
+    }
 
-        let built = self.build(req, &log, cgroup.as_deref()).await;
-        if let (
-            Some(cg),
-            Some(BuildRecord {
-                cgroup: BuildCgroupRecord::Own { used, .. },
-                ..
-            }),
-        ) = (&cgroup, record.as_mut())
-        {
-            // Evidence that the daemon ran RUN steps in the build's cgroup.
-            *used = cg.used();
-        }
-        drop(cgroup);
-        let built = built?;
-
-        let reused = reused.lock().unwrap_or_else(|p| p.into_inner()).take();
+    /// A built image into the image cache (or the cached root filesystem it matched), and its
+    /// alias when its scope may reuse it.
+    fn keep_image(
+        &self,
+        built: BuiltImage,
+        staged: Staged,
+        sha: &str,
+        alias_key: Option<&str>,
+    ) -> Result<Image, Ending> {
+        let reused = staged
+            .reused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let (lease, source) = match reused {
             Some(lease) if !built.exported => (lease, "rootfs-hit"),
             _ => {
@@ -203,18 +238,18 @@ impl JobService {
                 let lease = self
                     .inner
                     .images
-                    .insert(&key, staging.path(), built.export_bytes)
+                    .insert(&key, staged.staging.path(), built.export_bytes)
                     .map_err(|e| {
                         (
                             JobStatus::BuildFailed,
                             format!("cannot store the built image: {e}"),
                         )
                     })?;
-                staging.keep();
+                staged.staging.keep();
                 (lease, "miss")
             }
         };
-        if let Some(key) = &alias_key {
+        if let Some(key) = alias_key {
             self.inner.images.set_alias(
                 key,
                 &images::Alias {
@@ -224,7 +259,6 @@ impl JobService {
                 },
             );
         }
-        self.inner.metrics.observe("build", started.elapsed());
         Ok(Image {
             config: built.config,
             lease,

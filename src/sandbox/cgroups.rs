@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 /// The cgroup filesystem root.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
+/// The parent of job cgroups when none is configured: what `scripts/setup` prepares.
+pub const DEFAULT_PARENT: &str = "/perfbox";
+
 /// A cgroup controller perfbox limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controller {
@@ -73,9 +76,14 @@ pub enum CgroupHost {
 }
 
 impl CgroupHost {
-    /// Probe the host for cgroups that `uid` can use, under `parent` (default "/perfbox").
+    /// Probe the host for cgroups that `uid` can use, under `parent` (default
+    /// [`DEFAULT_PARENT`]).
     pub fn detect(uid: u32, parent: Option<&str>) -> Self {
-        Self::detect_in(Path::new(CGROUP_ROOT), uid, parent.unwrap_or("/perfbox"))
+        Self::detect_in(
+            Path::new(CGROUP_ROOT),
+            uid,
+            parent.unwrap_or(DEFAULT_PARENT),
+        )
     }
 
     /// [`detect`](Self::detect) with an injectable cgroupfs root (for tests).
