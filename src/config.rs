@@ -221,21 +221,161 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// One option of the configuration: where it sits in the TOML file, and the environment variable
+/// and `perfbox serve` flag that set it. Each option is declared once here (its type, default and
+/// meaning are its field of [`Config`]); the file, the environment and the flags are all resolved
+/// from this table, and a unit test checks that it names every option exactly once.
+#[derive(Debug, Clone, Copy)]
+pub struct Opt {
+    /// Path in the file (`build.max_image_bytes` is `max_image_bytes` in `[build]`).
+    pub path: &'static str,
+    /// Environment variable, if the option can be set from the environment.
+    pub env: Option<&'static str>,
+    /// `perfbox serve --<flag>`, if any.
+    pub flag: Option<&'static str>,
+}
+
+const fn opt(path: &'static str, env: &'static str, flag: Option<&'static str>) -> Opt {
+    Opt {
+        path,
+        env: Some(env),
+        flag,
+    }
+}
+
+/// Options set in the file only (tables and secrets).
+const fn file_only(path: &'static str) -> Opt {
+    Opt {
+        path,
+        env: None,
+        flag: None,
+    }
+}
+
+/// Every option (see [`Opt`]). Lists take comma-separated values from the environment (`tokens`:
+/// `name=token,name=token`); an empty value unsets an optional path.
+pub const OPTIONS: &[Opt] = &[
+    opt("bind", "PERFBOX_BIND", Some("bind")),
+    opt("state_dir", "PERFBOX_STATE_DIR", Some("state-dir")),
+    opt(
+        "buildkit_addr",
+        "PERFBOX_BUILDKIT_ADDR",
+        Some("buildkit-addr"),
+    ),
+    file_only("buildkit_tls"),
+    opt("build_network", "PERFBOX_BUILD_NETWORK", None),
+    opt("buildkit_net_addr", "PERFBOX_BUILDKIT_NET_ADDR", None),
+    opt("runtime", "PERFBOX_RUNTIME", Some("runtime")),
+    opt("runtime_user", "PERFBOX_RUNTIME_USER", None),
+    opt("cgroup_parent", "PERFBOX_CGROUP_PARENT", None),
+    opt(
+        "max_concurrent_builds",
+        "PERFBOX_MAX_CONCURRENT_BUILDS",
+        None,
+    ),
+    opt("max_concurrent_runs", "PERFBOX_MAX_CONCURRENT_RUNS", None),
+    opt("build_timeout_secs", "PERFBOX_BUILD_TIMEOUT_SECS", None),
+    opt("max_dockerfile_bytes", "PERFBOX_MAX_DOCKERFILE_BYTES", None),
+    opt("max_queued_jobs", "PERFBOX_MAX_QUEUED_JOBS", None),
+    opt("image_cache_bytes", "PERFBOX_IMAGE_CACHE_BYTES", None),
+    opt("min_free_disk_bytes", "PERFBOX_MIN_FREE_DISK_BYTES", None),
+    opt("buildkit_root", "PERFBOX_BUILDKIT_ROOT", None),
+    opt("build.registries", "PERFBOX_REGISTRIES", None),
+    opt(
+        "build.allowed_remote_sources",
+        "PERFBOX_ALLOWED_REMOTE_SOURCES",
+        None,
+    ),
+    opt("build.cache_scope", "PERFBOX_BUILD_CACHE_SCOPE", None),
+    opt("build.cgroup_parent", "PERFBOX_BUILD_CGROUP_PARENT", None),
+    opt("build.memory_bytes", "PERFBOX_BUILD_JOB_MEMORY_BYTES", None),
+    opt("build.pids", "PERFBOX_BUILD_JOB_PIDS", None),
+    opt("build.max_image_bytes", "PERFBOX_MAX_IMAGE_BYTES", None),
+    opt("build.max_image_files", "PERFBOX_MAX_IMAGE_FILES", None),
+    opt(
+        "build.max_builds_per_owner",
+        "PERFBOX_MAX_BUILDS_PER_OWNER",
+        None,
+    ),
+    file_only("build.registry_logins"),
+    opt("limits.memory_bytes", "PERFBOX_MEMORY_BYTES", None),
+    opt("limits.pids", "PERFBOX_PIDS", None),
+    opt("limits.cpu_millicores", "PERFBOX_CPU_MILLICORES", None),
+    opt("limits.tmpfs_bytes", "PERFBOX_TMPFS_BYTES", None),
+    opt("limits.nofile", "PERFBOX_NOFILE", None),
+    opt("limits.nproc", "PERFBOX_NPROC", None),
+    opt("limits.fsize_bytes", "PERFBOX_FSIZE_BYTES", None),
+    opt("limits.timeout_secs", "PERFBOX_RUN_TIMEOUT_SECS", None),
+    opt("limits.log_bytes", "PERFBOX_LOG_BYTES", None),
+    opt("limits.data_bytes", "PERFBOX_DATA_BYTES", None),
+    opt("limits.data_files", "PERFBOX_DATA_FILES", None),
+    opt("tokens", "PERFBOX_TOKENS", None),
+];
+
+/// The slot of `path` (`a.b`) in a JSON tree.
+fn lookup<'a>(tree: &'a mut serde_json::Value, path: &str) -> Option<&'a mut serde_json::Value> {
+    path.split('.')
+        .try_fold(tree, |node, key| node.get_mut(key))
+}
+
+/// `raw` (from the environment or a flag) as a JSON value of the kind `current` is.
+fn value_like(
+    current: &serde_json::Value,
+    path: &str,
+    raw: &str,
+) -> Result<serde_json::Value, String> {
+    use serde_json::Value;
+    let list = || raw.split(',').filter(|s| !s.is_empty());
+    Ok(match current {
+        Value::Number(_) => Value::Number(
+            raw.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("{raw:?} is not a whole number: {e}"))?
+                .into(),
+        ),
+        Value::Bool(_) => Value::Bool(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("{raw:?} is not true or false"))?,
+        ),
+        Value::Array(_) if path == "tokens" => Value::Array(
+            list()
+                .map(|pair| {
+                    let (name, token) = pair
+                        .split_once('=')
+                        .ok_or("expected name=token[,name=token...]")?;
+                    Ok(serde_json::json!({ "name": name, "token": token }))
+                })
+                .collect::<Result<_, String>>()?,
+        ),
+        Value::Array(_) => Value::Array(list().map(|s| Value::String(s.to_owned())).collect()),
+        // An optional setting (null by default, or the optional buildkit_root) set to "" is unset.
+        Value::Null | Value::String(_)
+            if raw.is_empty() && (current.is_null() || path == "buildkit_root") =>
+        {
+            Value::Null
+        }
+        Value::Null | Value::String(_) => Value::String(raw.to_owned()),
+        Value::Object(_) => return Err(format!("{path} is a table: set it in the config file")),
+    })
+}
+
 impl Config {
-    /// Load `path` (or the default file if it exists), then apply `PERFBOX_*` variables.
-    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut cfg = match path {
+    /// Resolve the configuration: the defaults, then `path` (or the default file if it exists),
+    /// then the environment ([`OPTIONS`]' variables), then `flags` (`perfbox serve` flags, as
+    /// `(option path, value)`).
+    pub fn load(path: Option<&Path>, flags: &[(&str, String)]) -> Result<Self, ConfigError> {
+        let base = match path {
             Some(p) => Self::from_file(p)?,
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
                 Self::from_file(Path::new(DEFAULT_CONFIG_FILE))?
             }
             None => Self::default(),
         };
-        cfg.apply_env(|k| std::env::var(k).ok())?;
-        Ok(cfg)
+        base.overridden(|k| std::env::var(k).ok(), flags)
     }
 
-    /// Parse a TOML file.
+    /// Parse a TOML file (options it does not name keep their defaults).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
@@ -247,105 +387,39 @@ impl Config {
         })
     }
 
-    /// Apply `PERFBOX_*` overrides read through `get`.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(var: &str, v: String) -> Result<T, ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            v.parse().map_err(|e: T::Err| ConfigError::Env {
-                var: var.into(),
-                message: e.to_string(),
-            })
-        }
-        if let Some(v) = get("PERFBOX_BIND") {
-            self.bind = v;
-        }
-        if let Some(v) = get("PERFBOX_STATE_DIR") {
-            self.state_dir = v.into();
-        }
-        if let Some(v) = get("PERFBOX_BUILDKIT_ADDR") {
-            self.buildkit_addr = v;
-        }
-        if let Some(v) = get("PERFBOX_RUNTIME") {
-            self.runtime = parse("PERFBOX_RUNTIME", v)?;
-        }
-        if let Some(v) = get("PERFBOX_RUNTIME_USER") {
-            self.runtime_user = Some(v);
-        }
-        if let Some(v) = get("PERFBOX_CGROUP_PARENT") {
-            self.cgroup_parent = Some(v);
-        }
-        if let Some(v) = get("PERFBOX_BUILDKIT_ROOT") {
-            self.buildkit_root = (!v.is_empty()).then(|| v.into());
-        }
-        if let Some(v) = get("PERFBOX_REGISTRIES") {
-            self.build.registries = v
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
-        }
-        if let Some(v) = get("PERFBOX_BUILD_CGROUP_PARENT") {
-            self.build.cgroup_parent = v;
-        }
-        if let Some(v) = get("PERFBOX_BUILD_CACHE_SCOPE") {
-            self.build.cache_scope = match v.as_str() {
-                "job" => CacheScope::Job,
-                "owner" => CacheScope::Owner,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var: "PERFBOX_BUILD_CACHE_SCOPE".into(),
-                        message: format!("{v:?} is not job or owner"),
-                    });
-                }
+    /// This configuration with the environment (read through `env`) and then `flags` applied,
+    /// option by option as [`OPTIONS`] declares them.
+    pub fn overridden(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &[(&str, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut tree =
+            serde_json::to_value(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut cfg = self.clone();
+        let from_env = OPTIONS.iter().filter_map(|o| {
+            let var = o.env?;
+            env(var).map(|raw| (o.path, raw, var.to_owned()))
+        });
+        let from_flags = flags.iter().map(|(path, raw)| {
+            let flag = OPTIONS
+                .iter()
+                .find(|o| o.path == *path)
+                .and_then(|o| o.flag)
+                .map_or_else(|| path.to_string(), |f| format!("--{f}"));
+            (*path, raw.clone(), flag)
+        });
+        for (path, raw, source) in from_env.chain(from_flags).collect::<Vec<_>>() {
+            let invalid = |message: String| ConfigError::Env {
+                var: source.clone(),
+                message,
             };
+            let slot =
+                lookup(&mut tree, path).ok_or_else(|| invalid(format!("no option {path}")))?;
+            *slot = value_like(slot, path, &raw).map_err(invalid)?;
+            cfg = serde_json::from_value(tree.clone()).map_err(|e| invalid(e.to_string()))?;
         }
-        if let Some(v) = get("PERFBOX_MAX_IMAGE_BYTES") {
-            self.build.max_image_bytes = parse("PERFBOX_MAX_IMAGE_BYTES", v)?;
-        }
-        if let Some(v) = get("PERFBOX_MAX_BUILDS_PER_OWNER") {
-            self.build.max_builds_per_owner = parse("PERFBOX_MAX_BUILDS_PER_OWNER", v)?;
-        }
-        if let Some(v) = get("PERFBOX_MAX_CONCURRENT_BUILDS") {
-            self.max_concurrent_builds = parse("PERFBOX_MAX_CONCURRENT_BUILDS", v)?;
-        }
-        if let Some(v) = get("PERFBOX_MAX_CONCURRENT_RUNS") {
-            self.max_concurrent_runs = parse("PERFBOX_MAX_CONCURRENT_RUNS", v)?;
-        }
-        if let Some(v) = get("PERFBOX_RUN_TIMEOUT_SECS") {
-            self.limits.timeout_secs = parse("PERFBOX_RUN_TIMEOUT_SECS", v)?;
-        }
-        if let Some(v) = get("PERFBOX_BUILD_TIMEOUT_SECS") {
-            self.build_timeout_secs = parse("PERFBOX_BUILD_TIMEOUT_SECS", v)?;
-        }
-        if let Some(v) = get("PERFBOX_MIN_FREE_DISK_BYTES") {
-            self.min_free_disk_bytes = parse("PERFBOX_MIN_FREE_DISK_BYTES", v)?;
-        }
-        if let Some(v) = get("PERFBOX_DATA_BYTES") {
-            self.limits.data_bytes = parse("PERFBOX_DATA_BYTES", v)?;
-        }
-        if let Some(v) = get("PERFBOX_MEMORY_BYTES") {
-            self.limits.memory_bytes = parse("PERFBOX_MEMORY_BYTES", v)?;
-        }
-        if let Some(v) = get("PERFBOX_TOKENS") {
-            // name=token,name=token
-            self.tokens = v
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|pair| {
-                    let (name, token) = pair.split_once('=').ok_or_else(|| ConfigError::Env {
-                        var: "PERFBOX_TOKENS".into(),
-                        message: "expected name=token[,name=token...]".into(),
-                    })?;
-                    Ok(Token {
-                        name: name.into(),
-                        token: token.into(),
-                    })
-                })
-                .collect::<Result<_, ConfigError>>()?;
-        }
-        Ok(())
+        Ok(cfg)
     }
 
     /// Reject unusable combinations.
@@ -430,22 +504,28 @@ mod tests {
             !format!("{login:?}").contains("s3cret"),
             "secrets are not printed"
         );
-        let mut c = Config::default();
-        c.apply_env(|k| match k {
-            "PERFBOX_REGISTRIES" => Some("127.0.0.1:5001,reg.example".into()),
-            "PERFBOX_BUILD_CACHE_SCOPE" => Some("owner".into()),
-            "PERFBOX_MAX_IMAGE_BYTES" => Some("1000".into()),
-            "PERFBOX_BUILD_CGROUP_PARENT" => Some("".into()),
-            _ => None,
-        })
-        .unwrap();
+        let c = Config::default()
+            .overridden(
+                |k| match k {
+                    "PERFBOX_REGISTRIES" => Some("127.0.0.1:5001,reg.example".into()),
+                    "PERFBOX_BUILD_CACHE_SCOPE" => Some("owner".into()),
+                    "PERFBOX_MAX_IMAGE_BYTES" => Some("1000".into()),
+                    "PERFBOX_BUILD_CGROUP_PARENT" => Some("".into()),
+                    _ => None,
+                },
+                &[],
+            )
+            .unwrap();
         assert_eq!(c.build.registries, ["127.0.0.1:5001", "reg.example"]);
         assert_eq!(c.build.cache_scope, CacheScope::Owner);
         assert_eq!(c.build.max_image_bytes, 1000);
         assert_eq!(c.build.cgroup_parent, "");
         assert!(
-            c.apply_env(|k| (k == "PERFBOX_BUILD_CACHE_SCOPE").then(|| "all".into()))
-                .is_err()
+            c.overridden(
+                |k| (k == "PERFBOX_BUILD_CACHE_SCOPE").then(|| "all".into()),
+                &[]
+            )
+            .is_err()
         );
     }
 
@@ -454,29 +534,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "bind = \"127.0.0.1:9000\"\nruntime = \"crun\"\n[limits]\nmemory_bytes = 1\npids = 2\ncpu_millicores = 3\ntmpfs_bytes = 4\nnofile = 5\nnproc = 6\nfsize_bytes = 7\ntimeout_secs = 8\nlog_bytes = 9\n").unwrap();
-        let mut c = Config::from_file(&f).unwrap();
+        let c = Config::from_file(&f).unwrap();
         assert_eq!(c.bind, "127.0.0.1:9000");
         assert_eq!(c.runtime, RuntimeKind::Crun);
         assert_eq!(c.limits.timeout_secs, 8);
         assert_eq!(c.max_concurrent_runs, 4, "unset keys keep defaults");
-        c.apply_env(|k| match k {
+        let env = |k: &str| match k {
             "PERFBOX_RUNTIME" => Some("youki".into()),
             "PERFBOX_TOKENS" => Some("alice=aaaaaaaaaa,bob=bbbbbbbbbb".into()),
+            "PERFBOX_RUN_TIMEOUT_SECS" => Some("9".into()),
+            "PERFBOX_BUILDKIT_ROOT" => Some("".into()),
             _ => None,
-        })
-        .unwrap();
+        };
+        let c = c.overridden(env, &[]).unwrap();
         assert_eq!(c.runtime, RuntimeKind::Youki);
         assert_eq!(c.tokens.len(), 2);
+        assert_eq!(c.tokens[1].name, "bob");
+        assert_eq!(c.limits.timeout_secs, 9);
+        assert_eq!(
+            c.buildkit_root, None,
+            "an empty value unsets an optional path"
+        );
         c.validate().unwrap();
+        // Flags win over the environment.
+        let flagged = c
+            .overridden(
+                env,
+                &[("runtime", "runc".into()), ("bind", "127.0.0.1:1".into())],
+            )
+            .unwrap();
+        assert_eq!(
+            (flagged.runtime, flagged.bind.as_str()),
+            (RuntimeKind::Runc, "127.0.0.1:1")
+        );
         std::fs::write(&f, "bogus_option = 1\n").unwrap();
         assert!(matches!(
             Config::from_file(&f),
             Err(ConfigError::Parse { .. })
         ));
-        assert!(
-            c.apply_env(|k| (k == "PERFBOX_RUNTIME").then(|| "docker".into()))
-                .is_err()
-        );
+        let bad = c.overridden(|k| (k == "PERFBOX_RUNTIME").then(|| "docker".into()), &[]);
+        assert!(matches!(bad, Err(ConfigError::Env { ref var, .. }) if var == "PERFBOX_RUNTIME"));
+        let bad = c.overridden(|k| (k == "PERFBOX_PIDS").then(|| "many".into()), &[]);
+        assert!(matches!(bad, Err(ConfigError::Env { ref var, .. }) if var == "PERFBOX_PIDS"));
     }
 }
 
@@ -541,5 +640,51 @@ mod example_tests {
         for key in ["runtime_user", "cgroup_parent", "tokens"] {
             assert!(text.contains(key), "{key} is not documented");
         }
+        // Every environment variable is named in the example, next to its option.
+        for o in OPTIONS {
+            if let Some(var) = o.env {
+                assert!(text.contains(var), "{var} ({}) is not documented", o.path);
+            }
+        }
+    }
+
+    /// [`OPTIONS`] names every option of [`Config`] exactly once, and nothing else.
+    #[test]
+    fn every_option_is_declared_once() {
+        fn leaves(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) if !prefix.is_empty() || !m.is_empty() => {
+                    for (k, v) in m {
+                        let path = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        // Tables of the file whose members are options of their own.
+                        if matches!(path.as_str(), "build" | "limits") {
+                            leaves(v, &path, out);
+                        } else {
+                            out.push(path);
+                        }
+                    }
+                }
+                _ => out.push(prefix.to_owned()),
+            }
+        }
+        let mut paths = vec![];
+        leaves(
+            &serde_json::to_value(Config::default()).unwrap(),
+            "",
+            &mut paths,
+        );
+        let mut declared: Vec<String> = OPTIONS.iter().map(|o| o.path.to_owned()).collect();
+        paths.sort();
+        declared.sort();
+        assert_eq!(declared, paths);
+        let mut envs: Vec<&str> = OPTIONS.iter().filter_map(|o| o.env).collect();
+        envs.sort();
+        let n = envs.len();
+        envs.dedup();
+        assert_eq!(envs.len(), n, "an environment variable is used twice");
     }
 }

@@ -15,7 +15,6 @@ use perfbox::buildkit::BuildkitClient;
 use perfbox::config::Config;
 use perfbox::jobs::service::{Deps, build_cgroups_for};
 use perfbox::jobs::{JobService, SqliteStore};
-use perfbox::sandbox::runtime::RuntimeKind;
 use perfbox::sandbox::{Sandbox, SandboxConfig};
 
 #[derive(Parser)]
@@ -82,23 +81,55 @@ enum Command {
     },
 }
 
-#[derive(Args)]
+/// `perfbox serve`'s arguments: `--config FILE`, and a flag for each option of
+/// [`perfbox::config::OPTIONS`] that has one (flags override the file and the environment).
 struct ServeArgs {
-    /// Config file (default: /etc/perfbox/config.toml if it exists).
-    #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Listen address (overrides config and PERFBOX_BIND).
-    #[arg(long)]
-    bind: Option<String>,
-    /// State directory.
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// buildkitd address.
-    #[arg(long)]
-    buildkit_addr: Option<String>,
-    /// OCI runtime: runc, crun or youki.
-    #[arg(long)]
-    runtime: Option<RuntimeKind>,
+    flags: Vec<(&'static str, String)>,
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let flags = perfbox::config::OPTIONS
+            .iter()
+            .filter_map(|o| Some((o.path, m.get_one::<String>(o.flag?)?.clone())))
+            .collect();
+        Ok(Self {
+            config: m.get_one::<PathBuf>("config").cloned(),
+            flags,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let mut cmd = cmd.arg(
+            clap::Arg::new("config")
+                .long("config")
+                .short('c')
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("Config file (default: /etc/perfbox/config.toml if it exists)"),
+        );
+        for o in perfbox::config::OPTIONS {
+            if let Some(flag) = o.flag {
+                let env = o.env.map(|e| format!(" and {e}")).unwrap_or_default();
+                cmd = cmd.arg(clap::Arg::new(flag).long(flag).help(format!(
+                    "Option `{}` (overrides the config file{env})",
+                    o.path
+                )));
+            }
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 #[derive(Args)]
@@ -204,19 +235,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         )
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let mut cfg = Config::load(args.config.as_deref())?;
-    if let Some(b) = args.bind {
-        cfg.bind = b;
-    }
-    if let Some(s) = args.state_dir {
-        cfg.state_dir = s;
-    }
-    if let Some(a) = args.buildkit_addr {
-        cfg.buildkit_addr = a;
-    }
-    if let Some(r) = args.runtime {
-        cfg.runtime = r;
-    }
+    let cfg = Config::load(args.config.as_deref(), &args.flags)?;
     cfg.validate()?;
     let addr: SocketAddr = cfg
         .bind
