@@ -13,7 +13,7 @@ mod common;
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -370,11 +370,6 @@ fn run_memory_bomb_is_contained() -> Result<(), Failed> {
 
 // ---- 3. one image cannot fill the disk --------------------------------------------------------------
 
-fn free_bytes() -> u64 {
-    let st = nix::sys::statvfs::statvfs(state()).unwrap();
-    st.blocks_available() as u64 * st.fragment_size() as u64
-}
-
 fn sparse_giant_is_refused_at_export() -> Result<(), Failed> {
     let max = 64u64 << 20;
     let s = service(
@@ -382,18 +377,7 @@ fn sparse_giant_is_refused_at_export() -> Result<(), Failed> {
         &format!("[build]\nmax_image_bytes = {max}\n"),
         &[],
     );
-    let before = free_bytes();
-    let lowest = Arc::new(AtomicU64::new(before));
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (lowest, done) = (lowest.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::SeqCst) {
-                lowest.fetch_min(free_bytes(), Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let mut disk = LowestFreeDisk::start();
     let df = format!(
         "FROM busybox\nRUN echo {}; truncate -s 256G /big\n",
         nonce()
@@ -402,15 +386,13 @@ fn sparse_giant_is_refused_at_export() -> Result<(), Failed> {
     let beside = ordinary_job_beside(&s);
     let v = wait_as(&s, MALLORY, id, Duration::from_secs(120));
     join(beside)?;
-    done.store(true, Ordering::SeqCst);
-    let _ = sampler.join();
     assert_eq!(v["status"], "build_failed", "{v}");
     let err = v["error"].as_str().unwrap_or("");
     assert!(
         err.contains(&format!("larger than the {max} byte limit")) && err.contains("\"big\""),
         "{err}"
     );
-    let drop = before.saturating_sub(lowest.load(Ordering::SeqCst));
+    let drop = disk.stop();
     eprintln!(
         "  free disk dropped by at most {} MB during the attack",
         drop >> 20
@@ -430,18 +412,7 @@ fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
         &format!("[build]\nmax_image_bytes = {max}\nmax_image_files = 5000\n"),
         &[],
     );
-    let before = free_bytes();
-    let lowest = Arc::new(AtomicU64::new(before));
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (lowest, done) = (lowest.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::SeqCst) {
-                lowest.fetch_min(free_bytes(), Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let mut disk = LowestFreeDisk::start();
     // Real blocks, written until the disk is full unless something stops it; as another user
     // (a subuid), in a directory the service's own uid cannot read.
     let writer = format!(
@@ -453,8 +424,6 @@ fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
     let beside = ordinary_job_beside(&s);
     let v = wait_as(&s, MALLORY, id, Duration::from_secs(180));
     join(beside)?;
-    done.store(true, Ordering::SeqCst);
-    let _ = sampler.join();
     assert_eq!(v["status"], "build_failed", "{v}");
     let err = v["error"].as_str().unwrap_or("");
     assert!(
@@ -462,7 +431,7 @@ fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
             && err.contains("max_image_bytes"),
         "{err}"
     );
-    let drop = before.saturating_sub(lowest.load(Ordering::SeqCst));
+    let drop = disk.stop();
     eprintln!(
         "  free disk dropped by at most {} MB (limit {} MB)",
         drop >> 20,

@@ -490,10 +490,7 @@ fn build_disk_bomb_is_stopped() -> Result<(), Failed> {
     let _disk = DISK_TESTS.lock().unwrap_or_else(|p| p.into_inner());
     // A service whose free-disk floor sits 300 MB below what is free now: a RUN step writing
     // 8 GB must be stopped long before the disk fills, and its space given back.
-    let free_now = || {
-        let st = nix::sys::statvfs::statvfs(state()).unwrap();
-        st.blocks_available() as u64 * st.fragment_size() as u64
-    };
+    let free_now = free_bytes;
     let free = free_now();
     let floor = (free - (300 << 20)).to_string();
     let s = Service::start(
@@ -501,31 +498,20 @@ fn build_disk_bomb_is_stopped() -> Result<(), Failed> {
         &[("PERFBOX_MIN_FREE_DISK_BYTES", floor.as_str())],
     );
     // Watch the lowest free space while the build runs.
-    let lowest = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(free));
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (lowest, done) = (lowest.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                lowest.fetch_min(free_now(), std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let mut disk = LowestFreeDisk::start();
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let id = s.submit(&format!(
         "FROM busybox\nRUN echo {marker}; dd if=/dev/zero of=/big bs=1M count=8000\nCMD true\n"
     ));
     let v = s.wait(id);
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    sampler.join().unwrap();
+    let drop = disk.stop();
     assert_eq!(v["status"], "build_failed", "{v}");
     let err = v["error"].as_str().unwrap();
     assert!(
         err.starts_with("the build was stopped") && err.contains("bytes free"),
         "{v}"
     );
-    let used_at_worst = (free - lowest.load(std::sync::atomic::Ordering::Relaxed)) >> 20;
+    let used_at_worst = drop >> 20;
     eprintln!("  stopped; at worst {used_at_worst} MB of the disk was used (floor at 300 MB)");
     assert!(
         used_at_worst < 4000,

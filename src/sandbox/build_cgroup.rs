@@ -18,7 +18,6 @@
 //! - Anything else (a remote daemon, a host without the layout): [`BuildCgroups::Unavailable`] with
 //!   the reason, which `/healthz` and every job record show.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::cgroups::CGROUP_ROOT;
@@ -91,7 +90,7 @@ impl BuildCgroups {
                     .into(),
             };
         }
-        let owned = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        let owned = |p: &Path| super::cgroups::owned_dir(p, uid);
         if root.join("cgroup.controllers").exists() {
             let dir = root.join(rel);
             if !owned(&dir) {
@@ -119,14 +118,7 @@ impl BuildCgroups {
                 parent: format!("/{rel}"),
             };
         }
-        let hierarchies: Vec<String> = std::fs::read_dir(root)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().is_dir() && e.file_name() != "unified")
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let hierarchies: Vec<String> = super::cgroups::v1_hierarchies(root);
         let mut missing: Vec<&str> = hierarchies
             .iter()
             .map(String::as_str)

@@ -26,6 +26,24 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The parent of job cgroups when none is configured: what `scripts/setup` prepares.
 pub const DEFAULT_PARENT: &str = "/perfbox";
 
+/// The v1 hierarchies mounted below `root` (directory names; `unified`, the v2 mount of a hybrid
+/// host, left out).
+pub(crate) fn v1_hierarchies(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir() && e.file_name() != "unified")
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `p` is a directory that `uid` owns (delegated to it).
+pub(crate) fn owned_dir(p: &Path, uid: u32) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == uid)
+}
+
 /// A cgroup controller perfbox limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controller {
@@ -89,7 +107,7 @@ impl CgroupHost {
     /// [`detect`](Self::detect) with an injectable cgroupfs root (for tests).
     pub fn detect_in(root: &Path, uid: u32, parent: &str) -> Self {
         let rel = parent.trim_start_matches('/');
-        let owned = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        let owned = |p: &Path| owned_dir(p, uid);
         if root.join("cgroup.controllers").exists() {
             let dir = root.join(rel);
             if !owned(&dir) {
@@ -124,14 +142,7 @@ impl CgroupHost {
         }
         // runc joins every v1 hierarchy at an explicit cgroupsPath and fails on the first one it
         // cannot write, so all of them need a dir of ours, not just the limiting ones.
-        let hierarchies: Vec<String> = std::fs::read_dir(root)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().is_dir() && e.file_name() != "unified")
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let hierarchies: Vec<String> = v1_hierarchies(root);
         let missing: Vec<&str> = hierarchies
             .iter()
             .map(String::as_str)

@@ -259,6 +259,63 @@ pub fn main_buildkitd_pids() -> Vec<i32> {
     pids
 }
 
+/// Free bytes (for unprivileged users) on the disk holding the state dir.
+pub fn free_bytes() -> u64 {
+    let st = nix::sys::statvfs::statvfs(state()).unwrap();
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+/// The lowest free space of the state dir's disk, sampled every 20 ms from [`Self::start`] until
+/// [`Self::stop`].
+pub struct LowestFreeDisk {
+    /// Free bytes at the start.
+    pub before: u64,
+    lowest: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LowestFreeDisk {
+    pub fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let before = free_bytes();
+        let lowest = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (lowest, done) = (lowest.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    lowest.fetch_min(free_bytes(), Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            })
+        };
+        Self {
+            before,
+            lowest,
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop sampling; the largest drop of free space seen, in bytes.
+    pub fn stop(&mut self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.before
+            .saturating_sub(self.lowest.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for LowestFreeDisk {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Whether the host has the unified cgroup v2 hierarchy.
 pub fn cgroup_v2_host() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
