@@ -327,6 +327,9 @@ fn main() {
         .iter()
         .filter(|v| v["status"] == "succeeded")
         .count();
+    for v in results.iter().filter(|v| v["status"] != "succeeded") {
+        eprintln!("scale: a job did not succeed: {v}");
+    }
     let peak_rss = rss_kb(pid, "VmHWM");
     line(format!(
         "| scale: {scale_n} submissions at once, all finished | {scale_secs:.1} s ({ok}/{scale_n} succeeded) | |"

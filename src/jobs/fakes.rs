@@ -54,6 +54,9 @@ pub struct FakeBuilder {
     pub seen: std::sync::Mutex<Vec<BuildRequest>>,
     /// `version()` fails.
     pub down: std::sync::atomic::AtomicBool,
+    /// A cgroupfs root (a temporary tree): a `build-checks-cgroup` build fails unless its
+    /// cgroup still exists there (in the pids hierarchy) when it ends.
+    pub cgroup_root: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 impl ImageBuilder for FakeBuilder {
@@ -78,6 +81,19 @@ impl ImageBuilder for FakeBuilder {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(200)) => {}
                     () = req.cancel.cancelled() => return Err(BuildError::Cancelled),
+                }
+            }
+            if what.contains("build-checks-cgroup") {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let root = self.cgroup_root.lock().unwrap().clone();
+                let alive = match (root, &req.cgroup_parent) {
+                    (Some(root), Some(parent)) => root.join("pids").join(parent).is_dir(),
+                    _ => false,
+                };
+                if !alive {
+                    return Err(BuildError::Other {
+                        message: "the build's cgroup was removed under it".into(),
+                    });
                 }
             }
             if what.contains("build-fails") {
@@ -273,17 +289,32 @@ pub fn fake_config(dir: &Path) -> Config {
 
 /// Start a job service on fakes with `cfg` in `dir`.
 pub async fn fake_service_in(dir: tempfile::TempDir, cfg: Config) -> FakeService {
+    fake_service_with(
+        dir,
+        cfg,
+        BuildCgroups::Unavailable {
+            reason: "fake".into(),
+        },
+    )
+    .await
+}
+
+/// [`fake_service_in`] with builds getting cgroups from `build_cgroups`.
+pub async fn fake_service_with(
+    dir: tempfile::TempDir,
+    cfg: Config,
+    build_cgroups: BuildCgroups,
+) -> FakeService {
     let builder = Arc::new(FakeBuilder::default());
     let runner = Arc::new(FakeRunner::default());
+    std::fs::create_dir_all(&cfg.state_dir).unwrap();
     let store = SqliteStore::open(&cfg.state_dir.join("jobs.db")).unwrap();
     let svc = JobService::start(Deps {
         cfg,
         store: Arc::new(store),
         builder: builder.clone(),
         runner: runner.clone(),
-        build_cgroups: BuildCgroups::Unavailable {
-            reason: "fake".into(),
-        },
+        build_cgroups,
     })
     .await
     .unwrap();

@@ -14,7 +14,7 @@
 //! future cancels the solve) or kills the container.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -458,16 +458,20 @@ impl JobService {
     }
 
     /// The cgroup for a build in `scope` (shared by the concurrent builds of one scope), if the
-    /// host gives builds cgroups of their own.
-    fn build_cgroup(&self, scope: &str) -> Result<Option<Arc<BuildCgroup>>, String> {
+    /// host gives builds cgroups of their own. The last build to give it back removes it.
+    fn build_cgroup(&self, scope: &str) -> Result<Option<CgroupLease>, String> {
         let mut live = self
             .inner
             .live_build_cgroups
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        live.retain(|_, w| w.strong_count() > 0);
-        if let Some(cg) = live.get(scope).and_then(Weak::upgrade) {
-            return Ok(Some(cg));
+        if let Some((cg, users)) = live.get_mut(scope) {
+            *users += 1;
+            return Ok(Some(CgroupLease {
+                svc: self.clone(),
+                scope: scope.to_owned(),
+                cg: Some(cg.clone()),
+            }));
         }
         let limits = BuildLimits {
             memory_bytes: self.inner.cfg.build.memory_bytes,
@@ -476,8 +480,12 @@ impl JobService {
         match self.inner.build_cgroups.create(scope, limits) {
             Ok(Some(cg)) => {
                 let cg = Arc::new(cg);
-                live.insert(scope.to_owned(), Arc::downgrade(&cg));
-                Ok(Some(cg))
+                live.insert(scope.to_owned(), (cg.clone(), 1));
+                Ok(Some(CgroupLease {
+                    svc: self.clone(),
+                    scope: scope.to_owned(),
+                    cg: Some(cg),
+                }))
             }
             Ok(None) => Ok(None),
             Err(e) => Err(e.to_string()),
@@ -491,6 +499,45 @@ impl JobService {
             v.push(root.clone());
         }
         v
+    }
+}
+
+/// A build's use of its scope's cgroup; the last one dropped removes the cgroup, under the lock
+/// that [`JobService::build_cgroup`] takes.
+struct CgroupLease {
+    svc: JobService,
+    scope: String,
+    cg: Option<Arc<BuildCgroup>>,
+}
+
+impl std::ops::Deref for CgroupLease {
+    type Target = BuildCgroup;
+
+    fn deref(&self) -> &BuildCgroup {
+        self.cg.as_deref().expect("held until dropped")
+    }
+}
+
+impl Drop for CgroupLease {
+    fn drop(&mut self) {
+        let mut live = self
+            .svc
+            .inner
+            .live_build_cgroups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let last = match live.get_mut(&self.scope) {
+            Some((_, users)) => {
+                *users -= 1;
+                *users == 0
+            }
+            None => false,
+        };
+        if last {
+            live.remove(&self.scope);
+        }
+        // The last Arc goes here, with the lock held: BuildCgroup's Drop removes it.
+        self.cg = None;
     }
 }
 

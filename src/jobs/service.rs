@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -53,8 +53,10 @@ pub(super) struct Inner {
     pub(super) policy: SourcePolicy,
     /// Where builds get cgroups of their own.
     pub(super) build_cgroups: BuildCgroups,
-    /// Build cgroups in use, by name (an owner-scoped one is shared by that owner's builds).
-    pub(super) live_build_cgroups: Mutex<HashMap<String, Weak<BuildCgroup>>>,
+    /// Build cgroups in use, by name, with the number of builds using each (an owner-scoped one
+    /// is shared by that owner's concurrent builds). Made and removed under this lock, so that a
+    /// build never gets a cgroup that is being removed.
+    pub(super) live_build_cgroups: Mutex<HashMap<String, (Arc<BuildCgroup>, usize)>>,
     /// This service's id (8 hex digits, kept in the state dir): part of every build scope, and
     /// its name as a claimant of jobs.
     pub(super) instance: String,

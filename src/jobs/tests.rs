@@ -9,7 +9,7 @@ use super::store::{Claim, NewJob};
 use super::*;
 use crate::config::Config;
 
-use super::fakes::{FakeService, fake_config, fake_service, fake_service_in};
+use super::fakes::{FakeService, fake_config, fake_service, fake_service_in, fake_service_with};
 
 type Harness = FakeService;
 
@@ -343,5 +343,39 @@ async fn a_restart_interrupts_what_the_service_held_and_keeps_the_rest() {
         three.perf,
         Some(0.125),
         "the queued job ran after the restart"
+    );
+}
+
+#[tokio::test]
+async fn one_owners_builds_share_its_cgroup_until_the_last_one_ends() {
+    // A cgroupfs stand-in where builds get cgroups of their own (v1 layout).
+    let dir = tempfile::tempdir().unwrap();
+    let cgroot = dir.path().join("cgroup");
+    for h in ["memory", "pids"] {
+        std::fs::create_dir_all(cgroot.join(h).join("pb/runs")).unwrap();
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    let cgroups = crate::sandbox::build_cgroup::BuildCgroups::detect_in(&cgroot, "/pb/runs", uid);
+    assert!(cgroups.available());
+    let mut cfg = config(&dir.path().join("state"));
+    cfg.build.cache_scope = crate::config::CacheScope::Owner;
+    cfg.build.max_builds_per_owner = 2;
+    let h = fake_service_with(dir, cfg, cgroups).await;
+    *h.builder.cgroup_root.lock().unwrap() = Some(cgroot.clone());
+    // The short build ends first and gives the cgroup back; the long one still needs it.
+    let long = h.submit_as("alice", "build-checks-cgroup");
+    let short = h.submit_as("alice", "x");
+    let long = h.finish(long).await;
+    assert_eq!(h.finish(short).await.status, JobStatus::Succeeded);
+    assert_eq!(long.status, JobStatus::Succeeded, "{:?}", long.error);
+    let scope = long.build.unwrap()["cgroup"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(scope.starts_with("/pb/runs/owner-"), "{scope}");
+    assert_eq!(
+        h.builder.peak.load(Ordering::SeqCst),
+        2,
+        "the two builds ran together"
     );
 }
