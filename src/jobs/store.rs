@@ -12,7 +12,8 @@
 //! (jobs of an owner already holding its share are passed over, FIFO otherwise). After a restart,
 //! the jobs a node held, and any whose lease ran out, are found by [`Store::stale`].
 //!
-//! The record is declared once ([`COLUMNS`] and [`JobRecord::from_row`] by column name); the schema
+//! The record is declared once ([`NAMES`], read by [`JobRecord::from_row`] at indices found at
+//! compile time from those names); the schema
 //! grows by numbered migrations ([`MIGRATIONS`], tracked in `PRAGMA user_version`).
 
 use std::path::Path;
@@ -22,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::state::JobStatus;
 
@@ -29,7 +31,7 @@ use super::state::JobStatus;
 pub type JobId = i64;
 
 /// Everything known about a job.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct JobRecord {
     /// Id.
     pub id: JobId,
@@ -66,8 +68,8 @@ pub struct JobRecord {
     pub runtime: Option<String>,
     /// cgroup layout used for limits (v1, v2, none).
     pub cgroup: Option<String>,
-    /// The limits that really applied (JSON).
-    pub limits: Option<serde_json::Value>,
+    /// The limits that really applied (JSON, passed through as stored).
+    pub limits: Option<Box<RawValue>>,
     /// Container exit code.
     pub exit_code: Option<i64>,
     /// Killed by the OOM killer.
@@ -78,52 +80,105 @@ pub struct JobRecord {
     /// "miss" (built and exported).
     pub image_cache: Option<String>,
     /// What the build ran with: cache scope, network, frontend, source policy, image size cap,
-    /// and the cgroup of its RUN steps (JSON, see [`super::BuildRecord`]).
-    pub build: Option<serde_json::Value>,
+    /// and the cgroup of its RUN steps (JSON as stored, see [`super::BuildRecord`]).
+    pub build: Option<Box<RawValue>>,
     /// Whose share of build slots the job used: the owner, or the client's address without
     /// tokens (not shown: it may be another user's address).
     #[serde(skip)]
     pub submitter: Option<String>,
 }
 
-/// The columns of a record, in [`JobRecord`]'s order (what every query selects).
-pub const COLUMNS: &str = "id, filename, owner, status, error, perf, dockerfile_sha256, created_at, \
-    build_started_at, build_finished_at, run_started_at, finished_at, image_digest, cached_steps, \
-    total_steps, runtime, cgroup, limits, exit_code, oom_killed, image_cache, build, submitter";
+/// The columns of a record (what every query selects, in this order).
+const NAMES: [&str; 23] = [
+    "id",
+    "filename",
+    "owner",
+    "status",
+    "error",
+    "perf",
+    "dockerfile_sha256",
+    "created_at",
+    "build_started_at",
+    "build_finished_at",
+    "run_started_at",
+    "finished_at",
+    "image_digest",
+    "cached_steps",
+    "total_steps",
+    "runtime",
+    "cgroup",
+    "limits",
+    "exit_code",
+    "oom_killed",
+    "image_cache",
+    "build",
+    "submitter",
+];
+
+/// [`NAMES`], comma-separated, for `SELECT`.
+static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| NAMES.join(", "));
+
+/// The position of column `name` in [`NAMES`], found at compile time (a row is read by index:
+/// looking a column up by name walks the statement's column names for every field).
+const fn col(name: &str) -> usize {
+    let mut i = 0;
+    while i < NAMES.len() {
+        let (a, b) = (NAMES[i].as_bytes(), name.as_bytes());
+        if a.len() == b.len() {
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return i;
+            }
+        }
+        i += 1;
+    }
+    panic!("not a column of jobs")
+}
 
 impl JobRecord {
-    /// A row of [`COLUMNS`], read by column name.
+    /// A row of [`COLUMNS`].
     fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
-        let json = |name: &str| -> rusqlite::Result<Option<serde_json::Value>> {
-            Ok(r.get::<_, Option<String>>(name)?
-                .and_then(|text| serde_json::from_str(&text).ok()))
+        // JSON columns are passed through as stored (they were written from valid JSON).
+        let json = |i: usize| -> rusqlite::Result<Option<Box<RawValue>>> {
+            Ok(r.get::<_, Option<String>>(i)?
+                .and_then(|text| RawValue::from_string(text).ok()))
         };
-        let status: String = r.get("status")?;
+        let status: String = r.get(const { col("status") })?;
         Ok(JobRecord {
-            id: r.get("id")?,
-            filename: r.get("filename")?,
-            owner: r.get("owner")?,
+            id: r.get(const { col("id") })?,
+            filename: r.get(const { col("filename") })?,
+            owner: r.get(const { col("owner") })?,
             status: JobStatus::parse(&status).unwrap_or(JobStatus::Interrupted),
-            error: r.get("error")?,
-            perf: r.get("perf")?,
-            dockerfile_sha256: r.get("dockerfile_sha256")?,
-            created_at: r.get("created_at")?,
-            build_started_at: r.get("build_started_at")?,
-            build_finished_at: r.get("build_finished_at")?,
-            run_started_at: r.get("run_started_at")?,
-            finished_at: r.get("finished_at")?,
-            image_digest: r.get("image_digest")?,
-            cached_steps: r.get("cached_steps")?,
-            total_steps: r.get("total_steps")?,
-            runtime: r.get("runtime")?,
-            cgroup: r.get("cgroup")?,
-            limits: json("limits")?,
-            exit_code: r.get("exit_code")?,
-            oom_killed: r.get::<_, Option<i64>>("oom_killed")?.map(|v| v != 0),
-            image_cache: r.get("image_cache")?,
-            build: json("build")?,
-            submitter: r.get("submitter")?,
+            error: r.get(const { col("error") })?,
+            perf: r.get(const { col("perf") })?,
+            dockerfile_sha256: r.get(const { col("dockerfile_sha256") })?,
+            created_at: r.get(const { col("created_at") })?,
+            build_started_at: r.get(const { col("build_started_at") })?,
+            build_finished_at: r.get(const { col("build_finished_at") })?,
+            run_started_at: r.get(const { col("run_started_at") })?,
+            finished_at: r.get(const { col("finished_at") })?,
+            image_digest: r.get(const { col("image_digest") })?,
+            cached_steps: r.get(const { col("cached_steps") })?,
+            total_steps: r.get(const { col("total_steps") })?,
+            runtime: r.get(const { col("runtime") })?,
+            cgroup: r.get(const { col("cgroup") })?,
+            limits: json(const { col("limits") })?,
+            exit_code: r.get(const { col("exit_code") })?,
+            oom_killed: r
+                .get::<_, Option<i64>>(const { col("oom_killed") })?
+                .map(|v| v != 0),
+            image_cache: r.get(const { col("image_cache") })?,
+            build: json(const { col("build") })?,
+            submitter: r.get(const { col("submitter") })?,
         })
+    }
+
+    /// [`Self::build`], parsed.
+    pub fn build_json(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(self.build.as_ref()?.get()).ok()
     }
 }
 
@@ -385,7 +440,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 
 fn select_one(conn: &Connection, id: JobId) -> rusqlite::Result<JobRecord> {
     conn.query_row(
-        &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+        &format!("SELECT {} FROM jobs WHERE id = ?1", *COLUMNS),
         [id],
         JobRecord::from_row,
     )
@@ -427,7 +482,8 @@ impl Store for SqliteStore {
 
     fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {} FROM jobs WHERE id = ?1", *COLUMNS))?;
         Ok(stmt.query_row([id], JobRecord::from_row).optional()?)
     }
 
@@ -439,7 +495,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<JobRecord>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM jobs WHERE (?1 IS NULL OR owner = ?1) AND id < ?2 ORDER BY id DESC LIMIT ?3"
+            "SELECT {} FROM jobs WHERE (?1 IS NULL OR owner = ?1) AND id < ?2 ORDER BY id DESC LIMIT ?3",
+            *COLUMNS
         ))?;
         let rows = stmt.query_map(
             params![owner, before.unwrap_or(i64::MAX), limit as i64],
@@ -671,7 +728,7 @@ mod tests {
             )
             .unwrap();
         assert!(r.build_finished_at.is_some() && r.run_started_at.is_some());
-        assert_eq!(r.build, Some(serde_json::json!({"scope": "job-1"})));
+        assert_eq!(r.build_json(), Some(serde_json::json!({"scope": "job-1"})));
         let done = store
             .transition(
                 a.id,

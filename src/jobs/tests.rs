@@ -36,7 +36,7 @@ async fn a_job_goes_queued_building_running_succeeded() {
     assert_eq!(rec.image_cache.as_deref(), Some("miss"));
     assert!(rec.build_started_at.is_some() && rec.run_started_at.is_some());
     assert!(rec.finished_at.is_some());
-    let build = rec.build.unwrap();
+    let build = rec.build_json().unwrap();
     assert_eq!(build["cache_scope"], "job");
     assert!(
         build["scope"]
@@ -368,7 +368,7 @@ async fn one_owners_builds_share_its_cgroup_until_the_last_one_ends() {
     let long = h.finish(long).await;
     assert_eq!(h.finish(short).await.status, JobStatus::Succeeded);
     assert_eq!(long.status, JobStatus::Succeeded, "{:?}", long.error);
-    let scope = long.build.unwrap()["cgroup"]["path"]
+    let scope = long.build_json().unwrap()["cgroup"]["path"]
         .as_str()
         .unwrap()
         .to_owned();
