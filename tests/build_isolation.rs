@@ -164,6 +164,16 @@ fn join(h: JoinHandle<()>) -> Result<(), Failed> {
     })
 }
 
+/// Submit `dockerfile` as mallory while an ordinary job of alice builds beside it; mallory's
+/// job's final answer, once the ordinary job was checked.
+fn attack_beside(s: &Service, dockerfile: &str) -> Result<Value, Failed> {
+    let id = submit_ok(s, MALLORY, dockerfile);
+    let beside = ordinary_job_beside(s);
+    let v = wait_as(s, MALLORY, id, Duration::from_secs(180));
+    join(beside)?;
+    Ok(v)
+}
+
 /// A listener on the host's loopback counting connections (a stand-in for any host service).
 struct Bait {
     port: u16,
@@ -356,17 +366,14 @@ fn run_memory_bomb_is_contained() -> Result<(), Failed> {
         "FROM busybox\nRUN echo {}; awk 'BEGIN {{ s = \"xxxxxxxxxxxxxxxx\"; while (1) s = s s }}'\n",
         nonce()
     );
-    let id = submit_ok(&s, MALLORY, &df);
-    let beside = ordinary_job_beside(&s);
-    let v = wait_as(&s, MALLORY, id, Duration::from_secs(120));
-    join(beside)?;
+    let v = attack_beside(&s, &df)?;
     assert_eq!(v["status"], "build_failed", "{v}");
     let err = v["error"].as_str().unwrap_or("");
     assert!(
         err.contains("RUN failed on line 2") && err.contains("137"),
         "{err}"
     );
-    let rec = record(&s, MALLORY, id);
+    let rec = record(&s, MALLORY, v["job"].as_i64().unwrap());
     assert_eq!(
         rec["build"]["cgroup"]["limits"]["memory_bytes"], 268435456u64,
         "{rec}"
@@ -389,10 +396,7 @@ fn sparse_giant_is_refused_at_export() -> Result<(), Failed> {
         "FROM busybox\nRUN echo {}; truncate -s 256G /big\n",
         nonce()
     );
-    let id = submit_ok(&s, MALLORY, &df);
-    let beside = ordinary_job_beside(&s);
-    let v = wait_as(&s, MALLORY, id, Duration::from_secs(120));
-    join(beside)?;
+    let v = attack_beside(&s, &df)?;
     assert_eq!(v["status"], "build_failed", "{v}");
     let err = v["error"].as_str().unwrap_or("");
     assert!(
@@ -427,10 +431,7 @@ fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
          USER 1000\nRUN i=0; while :; do head -c 8388608 /dev/zero > /hide/f$i; i=$((i+1)); done\n",
         nonce()
     );
-    let id = submit_ok(&s, MALLORY, &writer);
-    let beside = ordinary_job_beside(&s);
-    let v = wait_as(&s, MALLORY, id, Duration::from_secs(180));
-    join(beside)?;
+    let v = attack_beside(&s, &writer)?;
     assert_eq!(v["status"], "build_failed", "{v}");
     let err = v["error"].as_str().unwrap_or("");
     assert!(
