@@ -3,8 +3,9 @@
 //! (`# fake: <behaviour>`) says what the fake does with it.
 //!
 //! Builder behaviours: `build-fails`, `build-hangs` (until cancelled), `build-slow` (200 ms),
-//! `build-writes` (nothing special here; the real sampler is tested elsewhere); anything else
-//! builds an image whose rootfs holds a `marker` file with the Dockerfile's sha.
+//! `build-checks-cgroup` (400 ms, then fails unless its cgroup still exists under
+//! [`FakeBuilder::cgroup_root`]); anything else builds an image whose rootfs holds a `marker` file
+//! with the Dockerfile.
 //! Runner behaviours (same line): `run-hangs` (until cancelled), `run-exits-3`, `run-oom`,
 //! `run-no-perf`, `run-bad-perf`, `run-timeout`, `run-errors`; otherwise it reports `perf: 0.5`
 //! (or the number after `perf=`).
