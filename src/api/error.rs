@@ -33,7 +33,9 @@ impl From<JobError> for ApiError {
             e @ JobError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
             e @ JobError::QueueFull(_) => ApiError::Unavailable(e.to_string()),
             e @ (JobError::NotFound(_) | JobError::NoSpec(_)) => ApiError::NotFound(e.to_string()),
-            e @ JobError::Finished { .. } => ApiError::Conflict(e.to_string()),
+            e @ (JobError::Finished { .. } | JobError::NotFinished { .. }) => {
+                ApiError::Conflict(e.to_string())
+            }
             JobError::Store(StoreError::NotFound(id)) => ApiError::NotFound(format!("no job {id}")),
             e @ JobError::Store(StoreError::IncorrectStatus { .. }) => {
                 ApiError::Conflict(e.to_string())

@@ -86,6 +86,8 @@ fn links(id: JobId) -> Value {
         "job": format!("/job/{id}"),
         "logs": format!("/job/{id}/logs"),
         "spec": format!("/job/{id}/spec"),
+        "audit": format!("/job/{id}/audit"),
+        "receipt": format!("/job/{id}/receipt"),
         "cancel": format!("/job/{id}"),
     })
 }
@@ -254,6 +256,29 @@ pub async fn spec(
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(jobs.spec(parse_id(&raw)?, &owner)?))
+}
+
+/// `GET /job/{id}/audit`: every audit rule's verdict (200 whether it passes or not: `ok` says).
+pub async fn audit(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<crate::jobs::audit::JobAudit>, ApiError> {
+    Ok(Json(jobs.audit(parse_id(&raw)?, &owner)?))
+}
+
+/// `GET /job/{id}/receipt`: the signed receipt of a finished job (409 before it finishes).
+pub async fn receipt(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(jobs.receipt(parse_id(&raw)?, &owner)?))
+}
+
+/// `GET /receipt-key` (no token needed): the public key receipts are signed with.
+pub async fn receipt_key(State(jobs): State<JobService>) -> Json<Value> {
+    Json(jobs.receipt_key())
 }
 
 /// `GET /healthz` (no token needed).

@@ -10,6 +10,9 @@
 //! | `GET /job/{id}` | the full record |
 //! | `GET /job/{id}/logs[?follow=1]` | build log then run log, streamed live with follow |
 //! | `GET /job/{id}/spec` | the OCI config.json the job ran with |
+//! | `GET /job/{id}/audit` | every audit rule's verdict with its evidence (`ok` says whether all passed) |
+//! | `GET /job/{id}/receipt` | the signed receipt of a finished job (409 before) |
+//! | `GET /receipt-key` | the public key receipts are signed with (no token needed) |
 //! | `DELETE /job/{id}` | cancel |
 //! | `GET /healthz`, `GET /metrics` | health (no token needed) and Prometheus metrics |
 
@@ -40,6 +43,9 @@ pub fn router(jobs: JobService) -> Router {
         .route("/job/{id}", get(handlers::record).delete(handlers::cancel))
         .route("/job/{id}/logs", get(logs::logs))
         .route("/job/{id}/spec", get(handlers::spec))
+        .route("/job/{id}/audit", get(handlers::audit))
+        .route("/job/{id}/receipt", get(handlers::receipt))
+        .route("/receipt-key", get(handlers::receipt_key))
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)

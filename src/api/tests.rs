@@ -396,10 +396,74 @@ async fn tokens_are_required_and_owners_see_only_their_jobs() {
         get(&h, "/job/1", Some("alice-secret-1")).await.json["owner"],
         "alice"
     );
-    // /healthz needs no token; /metrics does.
+    // Audits and receipts are the owner's too.
+    h.finish(id).await;
+    for what in ["audit", "receipt"] {
+        let path = format!("/job/{id}/{what}");
+        assert_eq!(
+            get(&h, &path, Some("alice-secret-1")).await.status,
+            StatusCode::OK
+        );
+        assert_error(
+            &get(&h, &path, Some("bob-secret-22")).await,
+            StatusCode::NOT_FOUND,
+            "no job",
+        );
+    }
+    // /healthz and /receipt-key need no token; /metrics does.
     assert_eq!(get(&h, "/healthz", None).await.status, StatusCode::OK);
+    assert_eq!(get(&h, "/receipt-key", None).await.status, StatusCode::OK);
     assert_eq!(
         get(&h, "/metrics", None).await.status,
         StatusCode::UNAUTHORIZED
     );
+}
+
+#[tokio::test]
+async fn audit_receipt_and_key_routes() {
+    let h = fake_service(|_| {}).await;
+    let id = submit(&h, "perf=0.25").await;
+    let hung = submit(&h, "run-hangs").await;
+    h.wait_for(hung, |s| s == JobStatus::Running).await;
+    assert_error(
+        &get(&h, &format!("/job/{hung}/receipt"), None).await,
+        StatusCode::CONFLICT,
+        "receipts are for finished jobs",
+    );
+    h.finish(id).await;
+
+    let a = get(&h, &format!("/job/{id}/audit"), None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.json["job"], id);
+    // The fake build daemon gives builds no cgroup of their own: that rule fails, with why.
+    assert_eq!(a.json["ok"], false);
+    let failed: Vec<&Value> = a.json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["ok"] == false)
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["rule"], "build_cgroup");
+    assert_eq!(failed[0]["evidence"][0]["path"], "/build/cgroup");
+
+    let key = get(&h, "/receipt-key", None).await;
+    assert_eq!(key.json["algorithm"], "ed25519");
+    let r = get(&h, &format!("/job/{id}/receipt"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let key = crate::jobs::receipt::parse_public_key(&key.text).unwrap();
+    let body = crate::jobs::receipt::verify(&r.json, &key).unwrap();
+    assert_eq!(body["perf"], 0.25);
+
+    assert_error(
+        &get(&h, "/job/999/audit", None).await,
+        StatusCode::NOT_FOUND,
+        "no job 999",
+    );
+    assert_error(
+        &get(&h, "/job/x/receipt", None).await,
+        StatusCode::BAD_REQUEST,
+        "",
+    );
+    h.svc.cancel(hung, &None).await.unwrap();
 }

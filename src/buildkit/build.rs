@@ -26,7 +26,7 @@ use super::proto::gateway::{self, GatewayResult, LlbBridgeClient, ReturnRequest}
 use super::proto::{RpcStatus, pb};
 use super::session::Session;
 use super::status::{BuildLog, StatusSummary, StatusTracker};
-use super::{AbortOnDrop, BuildRequest, BuiltImage, ExportError};
+use super::{AbortOnDrop, BuildRequest, BuiltImage, ENTITLEMENTS, ExportError};
 use crate::image::ImageConfig;
 
 /// Metadata that routes LLBBridge calls to the build with this ref (gateway forwarder).
@@ -121,6 +121,7 @@ impl<'c> Build<'c> {
             }],
             // Evaluated on the daemon for every source of this build, the frontend's included.
             source_policy: Some(req.source_policy.to_proto()),
+            entitlements: ENTITLEMENTS.iter().map(|e| (*e).to_owned()).collect(),
             ..Default::default()
         };
         // It stays open until the frontend's result (or error) is handed back with Return.

@@ -50,6 +50,9 @@ pub use self::connect::TlsOptions;
 pub use self::definition::DefinitionError;
 pub use self::error::{BuildError, ExportError};
 pub use self::export::{UnpackStats, unpack_tar};
+/// The entitlements every solve asks for: none (no `network.host`, no `security.insecure`), so a
+/// Dockerfile's `RUN --network=host` or `--security=insecure` fails. Job records keep this list.
+pub const ENTITLEMENTS: &[&str] = &[];
 pub use self::policy::{PolicyError, RemoteSource, SourcePolicy};
 pub use self::session::auth::RegistryCredentials;
 pub use self::status::{BuildLog, FileLog, MemoryLog, NullLog};

@@ -141,6 +141,24 @@ impl SourcePolicy {
         }
         Policy { version: 1, rules }
     }
+
+    /// The rules of [`Self::to_proto`], one line each (`DENY *`, `CONVERT a => b`, `ALLOW a`), in
+    /// order: what a job record keeps as the policy its build ran under.
+    pub fn rules_text(&self) -> Vec<String> {
+        self.to_proto()
+            .rules
+            .iter()
+            .map(|r| {
+                let action =
+                    PolicyAction::try_from(r.action).map_or("UNKNOWN", |a| a.as_str_name());
+                let from = r.selector.as_ref().map_or("", |s| s.identifier.as_str());
+                match &r.updates {
+                    Some(u) => format!("{action} {from} => {}", u.identifier),
+                    None => format!("{action} {from}"),
+                }
+            })
+            .collect()
+    }
 }
 
 /// An opt-in remote source a Dockerfile may fetch: `http://`, `https://` or `git://` (BuildKit's

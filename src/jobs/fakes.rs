@@ -8,7 +8,8 @@
 //! with the Dockerfile.
 //! Runner behaviours (same line): `run-hangs` (until cancelled), `run-exits-3`, `run-oom`,
 //! `run-no-perf`, `run-bad-perf`, `run-timeout`, `run-errors`; otherwise it reports `perf: 0.5`
-//! (or the number after `perf=`).
+//! (or the number after `perf=`). Every run but `run-errors` writes the spec the real sandbox
+//! would (so audits of fake jobs check a real spec).
 
 #![allow(missing_docs)]
 
@@ -28,7 +29,8 @@ use crate::sandbox::build_cgroup::BuildCgroups;
 use crate::sandbox::perf::PerfError;
 use crate::sandbox::policy::AppliedLimits;
 use crate::sandbox::runtime::RuntimeKind;
-use crate::sandbox::{RunEnd, RunReport, RunRequest, SandboxError};
+use crate::sandbox::{Prepared, RunEnd, RunReport, RunRequest, SandboxError};
+use tokio_util::sync::CancellationToken;
 
 /// The `# fake: …` line of a Dockerfile.
 fn script(dockerfile: &[u8]) -> String {
@@ -123,7 +125,11 @@ impl ImageBuilder for FakeBuilder {
                     cmd: Some(vec!["/bin/true".into()]),
                     ..Default::default()
                 },
-                config_digest: Some("sha256:fake".into()),
+                // A digest of the Dockerfile, in the form of a real one.
+                config_digest: Some(format!(
+                    "sha256:{}",
+                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&req.dockerfile))
+                )),
                 cached_steps: 0,
                 total_steps: 1,
                 export_bytes: if exported { 100 } else { 0 },
@@ -160,21 +166,49 @@ impl ImageBuilder for FakeBuilder {
 }
 
 /// Limits a fake run reports: none applied.
-fn fake_limits() -> AppliedLimits {
-    let none = || crate::sandbox::policy::Enforcement::NotApplied {
-        reason: "fake runner".into(),
+/// The spec the real sandbox would write for a run of `rootfs` from `job_dir` (no cgroups: its
+/// limits apply as rlimits), written to `config.json` as the sandbox does: the limits that
+/// applied and the file's SHA-256.
+fn write_spec(job_dir: &Path, rootfs: &Path, container_id: &str) -> (AppliedLimits, String) {
+    use crate::sandbox::{idmap, image_user, policy, seccomp, spec};
+    use sha2::Digest;
+    let identity = idmap::HostIdentity {
+        uid: 1000,
+        gid: 1000,
+        name: "fake".into(),
+        subuid: Some(idmap::IdRange {
+            start: 100_000,
+            count: 65536,
+        }),
+        subgid: Some(idmap::IdRange {
+            start: 100_000,
+            count: 65536,
+        }),
     };
-    AppliedLimits {
-        memory: none(),
-        pids: none(),
-        cpu: none(),
-        nofile: none(),
-        fsize: none(),
-        tmpfs: none(),
-        timeout: none(),
-        log: none(),
-        data: none(),
-    }
+    let (spec, applied) = spec::hardened_spec(&spec::SpecInput {
+        rootfs: rootfs.to_path_buf(),
+        out_dir: job_dir.join(crate::sandbox::OUT_DIR),
+        args: vec!["/bin/true".into()],
+        env: vec![],
+        cwd: "/".into(),
+        user: image_user::ProcessUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: None,
+        },
+        identity: &identity,
+        limits: &policy::Limits::default(),
+        cgroups: &crate::sandbox::cgroups::CgroupHost::Unavailable {
+            reason: "fake runner".into(),
+        },
+        container_id,
+        seccomp: seccomp::default_profile(),
+    })
+    .unwrap();
+    let json = serde_json::to_vec_pretty(&spec).unwrap();
+    std::fs::write(job_dir.join(crate::sandbox::SPEC_FILE), &json).unwrap();
+    (applied, hex::encode(sha2::Sha256::digest(&json)))
 }
 
 struct Dec<'a>(&'a AtomicUsize);
@@ -196,33 +230,69 @@ pub struct FakeRunner {
     pub peak: AtomicUsize,
     /// Job dirs reaped.
     pub reaped: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    /// The script of each prepared run, by container id.
+    scripts: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Runner for FakeRunner {
-    fn run<'a>(&'a self, req: RunRequest<'a>) -> BoxFuture<'a, Result<RunReport, SandboxError>> {
+    fn prepare<'a>(&'a self, req: RunRequest<'a>) -> BoxFuture<'a, Result<Prepared, SandboxError>> {
+        Box::pin(async move {
+            let what = script(&std::fs::read(req.rootfs.join("marker")).unwrap_or_default());
+            std::fs::create_dir_all(req.job_dir.join("out")).unwrap();
+            if what.contains("run-errors") {
+                return Err(SandboxError::NoCommand);
+            }
+            let (applied, spec_sha256) = write_spec(req.job_dir, req.rootfs, req.container_id);
+            Ok(Prepared {
+                job_dir: req.job_dir.to_path_buf(),
+                container_id: req.container_id.to_owned(),
+                limits: crate::sandbox::policy::Limits::default(),
+                applied,
+                spec_sha256,
+                runtime_version: "fake-runtime 1.0".into(),
+            })
+            .inspect(|p: &Prepared| {
+                let id = p.container_id.clone();
+                self.scripts.lock().unwrap().insert(id, what);
+            })
+        })
+    }
+
+    fn start(
+        &self,
+        prepared: Prepared,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, Result<RunReport, SandboxError>> {
         Box::pin(async move {
             self.runs.fetch_add(1, Ordering::SeqCst);
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.peak.fetch_max(now, Ordering::SeqCst);
             let _running = Dec(&self.running);
-            let what = script(&std::fs::read(req.rootfs.join("marker")).unwrap_or_default());
-            std::fs::create_dir_all(req.job_dir.join("out")).unwrap();
-            std::fs::write(req.job_dir.join("run.log"), format!("fake run: {what}\n")).unwrap();
+            let what = self
+                .scripts
+                .lock()
+                .unwrap()
+                .remove(&prepared.container_id)
+                .unwrap_or_default();
+            std::fs::write(
+                prepared.job_dir.join("run.log"),
+                format!("fake run: {what}\n"),
+            )
+            .unwrap();
             let report = |end: RunEnd, oom: bool, perf: Result<f64, PerfError>| RunReport {
                 end,
                 oom_killed: oom,
                 perf,
-                applied: fake_limits(),
+                applied: prepared.applied.clone(),
                 cgroup_version: "none",
                 runtime: RuntimeKind::Runc,
+                runtime_version: "fake-runtime 1.0".into(),
+                spec_sha256: prepared.spec_sha256.clone(),
                 log_dropped_bytes: 0,
                 log_tail: format!("fake run: {what}\n"),
             };
-            if what.contains("run-errors") {
-                return Err(SandboxError::NoCommand);
-            }
             if what.contains("run-hangs") {
-                req.cancel.cancelled().await;
+                cancel.cancelled().await;
                 return Ok(report(RunEnd::Cancelled, false, Err(PerfError::Missing)));
             }
             let perf = what
@@ -265,6 +335,11 @@ impl Runner for FakeRunner {
 
     fn memory_limit(&self) -> u64 {
         512
+    }
+
+    fn seccomp_digest(&self) -> String {
+        let profile = crate::sandbox::seccomp::default_profile();
+        crate::sandbox::audit::seccomp_digest(&serde_json::to_value(profile).unwrap())
     }
 }
 

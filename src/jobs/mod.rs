@@ -10,6 +10,8 @@
 //! - [`outcome`]: the pure mapping from what a run reported to the job's final status;
 //! - [`job_dir`]: the layout of a job's directory; [`images`]: the shared image cache;
 //!   [`metrics`]: Prometheus text;
+//! - [`audit`]: every rule a job must satisfy, checked against its record and spec; [`receipt`]:
+//!   signed receipts of results;
 //! - [`runner`]: the sandbox seam ([`crate::buildkit::ImageBuilder`] is the builder's), so that
 //!   all of the above runs in unit tests with fakes ([`fakes`]), no root and no daemon.
 //!
@@ -20,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 #[cfg(test)]
 pub mod fakes;
 pub mod images;
@@ -27,6 +30,7 @@ pub mod job_dir;
 pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
+pub mod receipt;
 pub mod runner;
 pub mod service;
 pub mod state;
@@ -76,6 +80,17 @@ pub enum JobError {
         /// Its status.
         status: JobStatus,
     },
+    /// The job has not finished (no receipt yet).
+    #[error("job {id} is {status}: receipts are for finished jobs")]
+    NotFinished {
+        /// Job.
+        id: JobId,
+        /// Its status.
+        status: JobStatus,
+    },
+    /// The receipt signing key cannot be used.
+    #[error("receipt key: {0}")]
+    ReceiptKey(#[from] receipt::KeyError),
     /// The job has no spec yet.
     #[error("job {0} has not run yet, so it has no sandbox spec")]
     NoSpec(JobId),
@@ -139,6 +154,10 @@ pub struct BuildRecord {
     pub network: BuildNetworkSetting,
     /// The frontend that ran.
     pub frontend: &'static str,
+    /// Entitlements the solve asked for ([`crate::buildkit::ENTITLEMENTS`]: none).
+    pub entitlements: Vec<String>,
+    /// The source policy the daemon evaluated every source against, rule by rule.
+    pub source_policy: Vec<String>,
     /// Registries images could come from.
     pub registries: Vec<String>,
     /// Remote sources allowed besides them.

@@ -34,7 +34,7 @@ use crate::sandbox::build_cgroup::{BuildCgroup, BuildCgroups, BuildLimits};
 use crate::sandbox::build_writes::BuildWrites;
 
 /// The frontend every build runs with.
-const FRONTEND: &str =
+pub(super) const FRONTEND: &str =
     "dockerfile.v0 (BuildKit's built-in Dockerfile frontend; # syntax= directives are ignored)";
 
 /// An image ready to run, and what to record about it.
@@ -371,10 +371,10 @@ impl JobService {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let started = Instant::now();
-        let report = self
+        let prepared = self
             .inner
             .runner
-            .run(RunRequest {
+            .prepare(RunRequest {
                 job_dir: dir.path(),
                 rootfs: image.lease.rootfs(),
                 image: &image.config,
@@ -382,6 +382,36 @@ impl JobService {
                 limits: None,
                 cancel: cancel.child_token(),
             })
+            .await;
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                return ending(
+                    JobStatus::RunFailed,
+                    format!("the sandbox could not prepare the run: {e}"),
+                );
+            }
+        };
+        // The spec is written: its digest, the runtime and the limits go in the record before
+        // anything runs (an audit of a run that never ends, as after a crash, still has them).
+        let sandbox = Patch {
+            spec_sha256: Some(prepared.spec_sha256.clone()),
+            runtime_version: Some(prepared.runtime_version.clone()),
+            runtime: Some(self.inner.cfg.runtime.to_string()),
+            cgroup: Some(self.inner.runner.cgroup_version().to_owned()),
+            limits: serde_json::to_value(&prepared.applied).ok(),
+            ..Patch::default()
+        };
+        if let Err(e) = self.inner.store.annotate(id, JobStatus::Running, sandbox) {
+            return ending(
+                JobStatus::Interrupted,
+                format!("cannot record the run's spec: {e}"),
+            );
+        }
+        let report = self
+            .inner
+            .runner
+            .start(prepared, cancel.child_token())
             .await;
         drop(run_permit);
         drop(image.lease);
@@ -434,6 +464,11 @@ impl JobService {
             cache_scope: cfg.build.cache_scope,
             network: cfg.build_network,
             frontend: FRONTEND,
+            entitlements: crate::buildkit::ENTITLEMENTS
+                .iter()
+                .map(|e| (*e).to_owned())
+                .collect(),
+            source_policy: policy.rules_text(),
             registries: policy.registries().to_vec(),
             allowed_remote_sources: policy
                 .remote_sources()

@@ -6,12 +6,21 @@ use std::path::Path;
 
 use futures::future::BoxFuture;
 
-use crate::sandbox::{RunReport, RunRequest, Sandbox, SandboxError};
+use tokio_util::sync::CancellationToken;
+
+use crate::sandbox::{Prepared, RunReport, RunRequest, Sandbox, SandboxError};
 
 /// Runs images.
 pub trait Runner: Send + Sync {
-    /// Run an image once (see [`Sandbox::run`]).
-    fn run<'a>(&'a self, req: RunRequest<'a>) -> BoxFuture<'a, Result<RunReport, SandboxError>>;
+    /// Write the spec of a run (see [`Sandbox::prepare`]).
+    fn prepare<'a>(&'a self, req: RunRequest<'a>) -> BoxFuture<'a, Result<Prepared, SandboxError>>;
+
+    /// Run what [`Runner::prepare`] wrote (see [`Sandbox::start`]).
+    fn start(
+        &self,
+        prepared: Prepared,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, Result<RunReport, SandboxError>>;
 
     /// Kill and delete whatever a job left running when perfbox died.
     fn reap<'a>(&'a self, job_dir: &'a Path) -> BoxFuture<'a, ()>;
@@ -24,11 +33,22 @@ pub trait Runner: Send + Sync {
 
     /// The memory limit of a run (for the reason of an OOM kill).
     fn memory_limit(&self) -> u64;
+
+    /// The digest of the seccomp section every spec carries (the audit's `seccomp` rule).
+    fn seccomp_digest(&self) -> String;
 }
 
 impl Runner for Sandbox {
-    fn run<'a>(&'a self, req: RunRequest<'a>) -> BoxFuture<'a, Result<RunReport, SandboxError>> {
-        Box::pin(Sandbox::run(self, req))
+    fn prepare<'a>(&'a self, req: RunRequest<'a>) -> BoxFuture<'a, Result<Prepared, SandboxError>> {
+        Box::pin(Sandbox::prepare(self, req))
+    }
+
+    fn start(
+        &self,
+        prepared: Prepared,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, Result<RunReport, SandboxError>> {
+        Box::pin(Sandbox::start(self, prepared, cancel))
     }
 
     fn reap<'a>(&'a self, job_dir: &'a Path) -> BoxFuture<'a, ()> {
@@ -36,7 +56,7 @@ impl Runner for Sandbox {
     }
 
     fn version(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.runtime().version().await.map_err(|e| e.to_string()) })
+        Box::pin(async move { self.runtime_version().await.map_err(|e| e.to_string()) })
     }
 
     fn cgroup_version(&self) -> &'static str {
@@ -45,5 +65,9 @@ impl Runner for Sandbox {
 
     fn memory_limit(&self) -> u64 {
         self.limits().memory_bytes
+    }
+
+    fn seccomp_digest(&self) -> String {
+        Sandbox::seccomp_digest(self)
     }
 }

@@ -65,6 +65,8 @@ pub(super) struct Inner {
     pub(super) active: Mutex<HashMap<JobId, Active>>,
     pub(super) metrics: metrics::Metrics,
     pub(super) images: images::ImageCache,
+    /// Signs result receipts.
+    receipt_key: super::receipt::ReceiptKey,
 }
 
 /// The job service (cheap to clone).
@@ -149,7 +151,12 @@ impl JobService {
             .map_err(|e| JobError::InvalidRequest(e.to_string()))?;
         tracing::info!(build_cgroups = %build_cgroups.describe(), "build isolation");
         let instance = instance_id(&cfg.state_dir)?;
+        let (receipt_key, made) = super::receipt::ReceiptKey::load_or_create(&cfg.state_dir)?;
+        if made {
+            tracing::info!(key = %receipt_key.public()["key_id"], "made the receipt signing key");
+        }
         let inner = Arc::new(Inner {
+            receipt_key,
             wake: Notify::new(),
             run_slots: Arc::new(Semaphore::new(cfg.max_concurrent_runs)),
             policy,
@@ -289,6 +296,41 @@ impl JobService {
         let text =
             std::fs::read_to_string(self.job_dir(id).spec()).map_err(|_| JobError::NoSpec(id))?;
         serde_json::from_str(&text).map_err(|_| JobError::NoSpec(id))
+    }
+
+    /// Check a job against every audit rule ([`super::audit`]).
+    pub fn audit(&self, id: JobId, owner: &Owner) -> Result<super::audit::JobAudit, JobError> {
+        let rec = self.get(id, owner)?;
+        let dir = self.job_dir(id);
+        let seccomp_digest = self.inner.runner.seccomp_digest();
+        Ok(super::audit::audit_job(
+            &rec,
+            &super::audit::AuditBasis {
+                job_dir: dir.path(),
+                seccomp_digest: &seccomp_digest,
+                frontend: super::pipeline::FRONTEND,
+            },
+        ))
+    }
+
+    /// The signed receipt of a finished job ([`super::receipt`]).
+    pub fn receipt(&self, id: JobId, owner: &Owner) -> Result<serde_json::Value, JobError> {
+        let rec = self.get(id, owner)?;
+        if !rec.status.is_terminal() {
+            return Err(JobError::NotFinished {
+                id,
+                status: rec.status,
+            });
+        }
+        Ok(self
+            .inner
+            .receipt_key
+            .receipt(&rec, std::time::SystemTime::now()))
+    }
+
+    /// The public key receipts are signed with.
+    pub fn receipt_key(&self) -> serde_json::Value {
+        self.inner.receipt_key.public()
     }
 
     /// The log files of a job, build first.

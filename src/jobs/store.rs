@@ -31,7 +31,7 @@ use super::state::JobStatus;
 pub type JobId = i64;
 
 /// Everything known about a job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct JobRecord {
     /// Id.
     pub id: JobId,
@@ -86,10 +86,15 @@ pub struct JobRecord {
     /// tokens (not shown: it may be another user's address).
     #[serde(skip)]
     pub submitter: Option<String>,
+    /// SHA-256 (hex) of the spec (`config.json`) as the sandbox wrote it for the run: what
+    /// `perfbox audit` compares the file with.
+    pub spec_sha256: Option<String>,
+    /// The OCI runtime's version (`--version`, first line).
+    pub runtime_version: Option<String>,
 }
 
 /// The columns of a record (what every query selects, in this order).
-const NAMES: [&str; 23] = [
+const NAMES: [&str; 25] = [
     "id",
     "filename",
     "owner",
@@ -113,6 +118,8 @@ const NAMES: [&str; 23] = [
     "image_cache",
     "build",
     "submitter",
+    "spec_sha256",
+    "runtime_version",
 ];
 
 /// [`NAMES`], comma-separated, for `SELECT`.
@@ -173,6 +180,8 @@ impl JobRecord {
             image_cache: r.get(const { col("image_cache") })?,
             build: json(const { col("build") })?,
             submitter: r.get(const { col("submitter") })?,
+            spec_sha256: r.get(const { col("spec_sha256") })?,
+            runtime_version: r.get(const { col("runtime_version") })?,
         })
     }
 
@@ -209,6 +218,10 @@ pub struct Patch {
     pub image_cache: Option<String>,
     /// build
     pub build: Option<serde_json::Value>,
+    /// spec_sha256
+    pub spec_sha256: Option<String>,
+    /// runtime_version
+    pub runtime_version: Option<String>,
 }
 
 impl Patch {
@@ -232,6 +245,8 @@ impl Patch {
             ),
             ("image_cache", text(&self.image_cache)),
             ("build", json(&self.build)),
+            ("spec_sha256", text(&self.spec_sha256)),
+            ("runtime_version", text(&self.runtime_version)),
         ]
         .into_iter()
         .filter_map(|(column, value)| value.map(|v| (column, v)))
@@ -324,6 +339,10 @@ pub trait Store: Send + Sync {
     /// phase timestamp that `to` implies and the patch's fields. Leaving `building` gives its
     /// build slot back. Returns the updated record.
     fn transition(&self, id: JobId, to: JobStatus, patch: Patch) -> Result<JobRecord, StoreError>;
+
+    /// Set the fields of `patch` on a job that is still `status` (what a phase learns as it
+    /// goes, e.g. the spec digest once the run's spec is written); fails if it is not.
+    fn annotate(&self, id: JobId, status: JobStatus, patch: Patch) -> Result<(), StoreError>;
     /// Take the oldest queued job that may start now (see the module docs), moving it to
     /// `building`; None when there is none.
     fn claim(&self, claim: &Claim<'_>) -> Result<Option<JobRecord>, StoreError>;
@@ -391,6 +410,9 @@ const MIGRATIONS: &[Migration] = &[
     Migration::AddColumn("lease_until", "REAL"),
     Migration::AddColumn("slot", "TEXT"),
     Migration::Sql("CREATE INDEX IF NOT EXISTS jobs_slot ON jobs(slot, claimed_by)"),
+    // 6: what audits and receipts rest on: the spec's digest and the runtime's version.
+    Migration::AddColumn("spec_sha256", "TEXT"),
+    Migration::AddColumn("runtime_version", "TEXT"),
 ];
 
 /// The embedded store: one SQLite file.
@@ -590,6 +612,42 @@ impl Store for SqliteStore {
         let rec = select_one(&tx, id)?;
         tx.commit()?;
         Ok(rec)
+    }
+
+    fn annotate(&self, id: JobId, status: JobStatus, patch: Patch) -> Result<(), StoreError> {
+        let sets = patch.assignments();
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let assign: Vec<String> = sets
+            .iter()
+            .enumerate()
+            .map(|(i, (column, _))| format!("{column} = ?{}", i + 3))
+            .collect();
+        let mut values = vec![Value::Integer(id), Value::Text(status.as_str().into())];
+        values.extend(sets.into_iter().map(|(_, v)| v));
+        let conn = self.lock();
+        let changed = conn.execute(
+            &format!(
+                "UPDATE jobs SET {} WHERE id = ?1 AND status = ?2",
+                assign.join(", ")
+            ),
+            rusqlite::params_from_iter(values),
+        )?;
+        if changed == 1 {
+            return Ok(());
+        }
+        let now: Option<String> = conn
+            .query_row("SELECT status FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        match now {
+            None => Err(StoreError::NotFound(id)),
+            Some(from) => Err(StoreError::IncorrectStatus {
+                id,
+                from: JobStatus::parse(&from).unwrap_or(JobStatus::Interrupted),
+                to: status,
+            }),
+        }
     }
 
     fn claim(&self, claim: &Claim<'_>) -> Result<Option<JobRecord>, StoreError> {

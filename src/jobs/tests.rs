@@ -73,7 +73,7 @@ async fn every_failure_has_its_status_and_reason() {
         (
             "run-errors",
             JobStatus::RunFailed,
-            "could not run the image",
+            "could not prepare the run",
         ),
     ];
     let ids: Vec<JobId> = cases.iter().map(|(s, _, _)| h.submit(s)).collect();
@@ -378,4 +378,118 @@ async fn one_owners_builds_share_its_cgroup_until_the_last_one_ends() {
         2,
         "the two builds ran together"
     );
+}
+
+/// A fake service whose builds get cgroups of their own (a v1 cgroupfs stand-in), as on a
+/// host where every audit rule can pass.
+async fn harness_with_build_cgroups() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let cgroot = dir.path().join("cgroup");
+    for h in ["memory", "pids"] {
+        std::fs::create_dir_all(cgroot.join(h).join("pb/runs")).unwrap();
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    let cgroups = crate::sandbox::build_cgroup::BuildCgroups::detect_in(&cgroot, "/pb/runs", uid);
+    let cfg = config(&dir.path().join("state"));
+    fake_service_with(dir, cfg, cgroups).await
+}
+
+fn failed_rules(a: &audit::JobAudit) -> Vec<&'static str> {
+    a.findings
+        .iter()
+        .filter(|f| !f.ok)
+        .map(|f| f.rule)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_as_the_service_ran_it_passes_its_audit_and_an_edited_spec_fails() {
+    let h = harness_with_build_cgroups().await;
+    let id = h.submit("perf=0.5");
+    let rec = h.finish(id).await;
+    assert_eq!(rec.status, JobStatus::Succeeded);
+    let digest = rec.spec_sha256.clone().unwrap();
+    assert_eq!(rec.runtime_version.as_deref(), Some("fake-runtime 1.0"));
+
+    let a = h.svc.audit(id, &None).unwrap();
+    assert!(a.ok, "{:#?}", a.findings);
+    let rules: Vec<&str> = a.findings.iter().map(|f| f.rule).collect();
+    assert_eq!(rules.len(), 5 + 1 + 10, "{rules:?}");
+    assert!(a.not_audited.is_empty());
+
+    // The file changes after the run: integrity fails, and the rule the change breaks.
+    let spec_path = h.svc.job_dir(id).spec();
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+    spec["process"]["capabilities"]["bounding"] = serde_json::json!(["CAP_SYS_ADMIN"]);
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    let a = h.svc.audit(id, &None).unwrap();
+    assert!(!a.ok);
+    assert_eq!(failed_rules(&a), ["spec_integrity", "no_capabilities"]);
+    let integrity = &a
+        .findings
+        .iter()
+        .find(|f| f.rule == "spec_integrity")
+        .unwrap();
+    assert_eq!(integrity.evidence[0].value, serde_json::json!(digest));
+
+    // A missing file fails too.
+    std::fs::remove_file(&spec_path).unwrap();
+    let a = h.svc.audit(id, &None).unwrap();
+    assert!(!a.ok);
+    assert!(failed_rules(&a).contains(&"spec_integrity"));
+    assert!(a.findings.iter().any(|f| f.detail.contains("missing")));
+}
+
+#[tokio::test]
+async fn audits_cover_what_a_job_has_and_say_what_they_left_out() {
+    let h = harness(|_| {}).await;
+    // Never reached the sandbox: only the build is audited (and, here, fails on the cgroup the
+    // fake daemon could not give).
+    let id = h.submit("build-fails");
+    h.finish(id).await;
+    let a = h.svc.audit(id, &None).unwrap();
+    assert_eq!(a.findings.len(), 5, "{:#?}", a.findings);
+    assert_eq!(failed_rules(&a), ["build_cgroup"]);
+    assert!(
+        a.not_audited[0].starts_with("sandbox:"),
+        "{:?}",
+        a.not_audited
+    );
+    // The sandbox refused the image before writing a spec: the same.
+    let id = h.submit("run-errors");
+    h.finish(id).await;
+    let a = h.svc.audit(id, &None).unwrap();
+    assert!(
+        a.not_audited[0].starts_with("sandbox:"),
+        "{:?}",
+        a.not_audited
+    );
+    // A job still building: its build record only.
+    let hung = h.submit("build-hangs");
+    h.wait_for(hung, |s| s == JobStatus::Building).await;
+    let a = h.svc.audit(hung, &None).unwrap();
+    assert!(a.findings.iter().all(|f| f.source == audit::RECORD_SOURCE));
+    h.svc.cancel(hung, &None).await.unwrap();
+}
+
+#[tokio::test]
+async fn receipts_are_for_finished_jobs_and_verify_with_the_service_key() {
+    let h = harness(|_| {}).await;
+    let id = h.submit("perf=0.9876");
+    let hung = h.submit("run-hangs");
+    h.wait_for(hung, |s| s == JobStatus::Running).await;
+    assert!(matches!(
+        h.svc.receipt(hung, &None),
+        Err(JobError::NotFinished { .. })
+    ));
+    let rec = h.finish(id).await;
+    let receipt = h.svc.receipt(id, &None).unwrap();
+    let key = receipt::parse_public_key(&h.svc.receipt_key().to_string()).unwrap();
+    let body = receipt::verify(&receipt, &key).unwrap();
+    assert_eq!(body["perf"], 0.9876);
+    assert_eq!(body["dockerfile_sha256"], rec.dockerfile_sha256);
+    assert_eq!(body["spec_sha256"], rec.spec_sha256.unwrap());
+    assert_eq!(body["image_digest"], rec.image_digest.unwrap());
+    h.svc.cancel(hung, &None).await.unwrap();
 }

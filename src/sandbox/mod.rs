@@ -9,7 +9,8 @@
 //! 2. Prepare the job directory: `out/` (mounted at /data, the only host path the container
 //!    sees) and `runtime/` (this run's private `--root` state dir), owned by the runtime user.
 //! 3. Generate the spec ([`spec::hardened_spec`]) and write it to `config.json` — it is both what
-//!    the runtime executes and the audit record ([`read_spec`]).
+//!    the runtime executes and the audit record ([`read_spec`], checked by [`audit`]); its
+//!    SHA-256 goes in the report, so a later change to the file shows.
 //! 4. `run` in the foreground, stdout+stderr into `run.log` capped at the log limit.
 //! 5. Wait for exit, the wall-clock timeout, or cancellation; on the latter two, `kill KILL` the
 //!    container (its pid namespace dies with init, SIGSTOPped processes included).
@@ -17,6 +18,7 @@
 //!    state dir — on every path, including a dropped future (a guard does it synchronously).
 //! 7. Read `/data/perf.json` with [`perf::read_perf`].
 
+pub mod audit;
 pub mod build_cgroup;
 pub mod build_writes;
 pub mod cgroups;
@@ -32,10 +34,12 @@ pub mod spec;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use oci_spec::runtime::{LinuxSeccomp, Spec};
 use serde::Serialize;
+use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
@@ -162,6 +166,10 @@ pub struct RunReport {
     pub cgroup_version: &'static str,
     /// The runtime used.
     pub runtime: RuntimeKind,
+    /// Its version (`--version`, first line).
+    pub runtime_version: String,
+    /// SHA-256 (hex) of the spec file as written for this run.
+    pub spec_sha256: String,
     /// Bytes of output beyond the log cap (counted, not stored).
     pub log_dropped_bytes: u64,
     /// The last lines of the log (for failure reasons).
@@ -185,6 +193,23 @@ pub struct RunRequest<'a> {
     pub cancel: CancellationToken,
 }
 
+/// A run whose spec is written ([`Sandbox::prepare`]), ready to [`Sandbox::start`].
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The job directory (absolute).
+    pub job_dir: PathBuf,
+    /// The container id.
+    pub container_id: String,
+    /// The limits the run gets.
+    pub limits: Limits,
+    /// How each of them applies.
+    pub applied: AppliedLimits,
+    /// SHA-256 (hex) of `config.json` as written.
+    pub spec_sha256: String,
+    /// The runtime's version.
+    pub runtime_version: String,
+}
+
 /// A configured sandbox, shared by all jobs.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
@@ -193,6 +218,8 @@ pub struct Sandbox {
     limits: Limits,
     cgroups: CgroupHost,
     seccomp: LinuxSeccomp,
+    /// The runtime's version, asked once.
+    version: Arc<tokio::sync::OnceCell<String>>,
 }
 
 /// Return the OCI spec a job ran with (its `config.json`), for audit.
@@ -228,7 +255,22 @@ impl Sandbox {
             limits: cfg.limits,
             cgroups,
             seccomp,
+            version: Arc::default(),
         })
+    }
+
+    /// The runtime's version (`--version`, first line), asked once and then remembered.
+    pub async fn runtime_version(&self) -> Result<String, runtime::RuntimeError> {
+        self.version
+            .get_or_try_init(|| self.runtime.version())
+            .await
+            .cloned()
+    }
+
+    /// The digest ([`audit::seccomp_digest`]) of the seccomp section every spec carries: what
+    /// the audit's `seccomp` rule compares a job's spec with.
+    pub fn seccomp_digest(&self) -> String {
+        audit::seccomp_digest(&serde_json::to_value(&self.seccomp).unwrap_or_default())
     }
 
     /// The runtime in use.
@@ -270,9 +312,19 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Run a job's image once. See the module doc for the sequence.
+    /// Run a job's image once: [`Self::prepare`], then [`Self::start`]. See the module doc for
+    /// the sequence.
     pub async fn run(&self, req: RunRequest<'_>) -> Result<RunReport, SandboxError> {
-        let limits = req.limits.unwrap_or(&self.limits);
+        let cancel = req.cancel.clone();
+        let prepared = self.prepare(req).await?;
+        self.start(prepared, cancel).await
+    }
+
+    /// Steps 1 to 3: the process, the job directory and the spec, written to `config.json`.
+    /// Nothing runs yet; what is returned says what will (the spec's digest, the limits).
+    pub async fn prepare(&self, req: RunRequest<'_>) -> Result<Prepared, SandboxError> {
+        let limits = req.limits.unwrap_or(&self.limits).clone();
+        let limits = &limits;
         let job_dir =
             std::path::absolute(req.job_dir).map_err(io_err("bad job dir", req.job_dir))?;
         let rootfs = std::path::absolute(req.rootfs).map_err(io_err("bad rootfs", req.rootfs))?;
@@ -334,16 +386,49 @@ impl Sandbox {
             path: spec_path.clone(),
             source: std::io::Error::other(e),
         })?;
-        std::fs::write(&spec_path, json).map_err(io_err("cannot write", &spec_path))?;
+        std::fs::write(&spec_path, &json).map_err(io_err("cannot write", &spec_path))?;
+        let spec_sha256 = hex::encode(sha2::Sha256::digest(&json));
+        let runtime_version = self
+            .runtime_version()
+            .await
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        Ok(Prepared {
+            job_dir,
+            container_id: req.container_id.to_owned(),
+            limits: limits.clone(),
+            applied,
+            spec_sha256,
+            runtime_version,
+        })
+    }
+
+    /// Steps 4 to 7: run what [`Self::prepare`] wrote, until it exits, times out, passes a data
+    /// bound or `cancel` fires.
+    pub async fn start(
+        &self,
+        prepared: Prepared,
+        cancel: CancellationToken,
+    ) -> Result<RunReport, SandboxError> {
+        let Prepared {
+            job_dir,
+            container_id,
+            limits,
+            applied,
+            spec_sha256,
+            runtime_version,
+        } = prepared;
+        let limits = &limits;
+        let out_dir = job_dir.join(OUT_DIR);
+        let state_dir = job_dir.join(STATE_DIR);
 
         // 4. Run in the foreground. From here on the guard deletes the container on every path.
         let log_path = job_dir.join(RUN_LOG);
         let log = std::fs::File::create(&log_path).map_err(io_err("cannot create", &log_path))?;
-        let mut guard = ContainerGuard::new(&self.runtime, &state_dir, req.container_id);
+        let mut guard = ContainerGuard::new(&self.runtime, &state_dir, &container_id);
         let parent_ooms_before = self.cgroups.parent_oom_kills();
         let mut child = self
             .runtime
-            .spawn_run(&state_dir, &job_dir, req.container_id)?;
+            .spawn_run(&state_dir, &job_dir, &container_id)?;
         let pump = LogPump::start(
             log,
             limits.log_bytes,
@@ -358,7 +443,7 @@ impl Sandbox {
         let end = tokio::select! {
             status = child.wait() => Ok(status),
             _ = tokio::time::sleep(timeout) => Err(RunEnd::TimedOut { after_secs: limits.timeout_secs }),
-            _ = req.cancel.cancelled() => Err(RunEnd::Cancelled),
+            _ = cancel.cancelled() => Err(RunEnd::Cancelled),
             exceeded = watchdog => Err(RunEnd::DataLimit { exceeded }),
         };
         let end = match end {
@@ -369,7 +454,7 @@ impl Sandbox {
                 }
             }
             Err(end) => {
-                let _ = self.runtime.kill(&state_dir, req.container_id).await;
+                let _ = self.runtime.kill(&state_dir, &container_id).await;
                 if tokio::time::timeout(Duration::from_secs(10), child.wait())
                     .await
                     .is_err()
@@ -396,7 +481,7 @@ impl Sandbox {
         let log_dropped_bytes = pump.finish().await;
 
         // 6. OOM evidence while the cgroup exists, then delete on every path.
-        let counted = self.cgroups.oom_kills(req.container_id);
+        let counted = self.cgroups.oom_kills(&container_id);
         // youki's `run` reports a container killed by signal N as exit code N, not 128+N.
         let youki_sigkill =
             self.runtime.kind == RuntimeKind::Youki && matches!(end, RunEnd::Exited { code: 9 });
@@ -426,6 +511,8 @@ impl Sandbox {
             applied,
             cgroup_version: self.cgroups.version(),
             runtime: self.runtime.kind,
+            runtime_version,
+            spec_sha256,
             log_dropped_bytes,
             log_tail,
         })
