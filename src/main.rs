@@ -1,5 +1,8 @@
-//! The `perfbox` binary: `serve` runs the service; `submit`, `status`, `logs` and `spec` are a
-//! small client of its HTTP API.
+//! The `perfbox` binary: `serve` runs the service; `submit`, `status`, `logs`, `spec`, `audit`
+//! and `receipt` are a small client of its HTTP API; `verify` checks a receipt offline;
+//! `keygen` makes the receipt key pair at install.
+
+mod audit_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +74,53 @@ enum Command {
         id: i64,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Check jobs against every audit rule (sandbox spec, its recorded digest, the build record);
+    /// exits 0 only when every audited job passes.
+    Audit {
+        /// Job ids.
+        ids: Vec<i64>,
+        /// Every job (visible to the token).
+        #[arg(long)]
+        all: bool,
+        /// With --all: jobs submitted at or after this date or RFC 3339 time.
+        #[arg(long, value_name = "DATE")]
+        since: Option<String>,
+        /// The full report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// List passing rules and their evidence too.
+        #[arg(long, short)]
+        verbose: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the signed receipt of a finished job.
+    Receipt {
+        /// Job id.
+        id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Check a receipt offline: its fields, then its signature (exit 0 valid, 1 not).
+    Verify {
+        /// The receipt file (`-`: stdin).
+        receipt: PathBuf,
+        /// The public key: a file with its base64 line (receipt.pub) or GET /receipt-key's JSON.
+        /// Default: receipt.pub in $PERFBOX_STATE_DIR or /var/lib/perfbox/service.
+        #[arg(long, value_name = "PUBKEY")]
+        key: Option<PathBuf>,
+    },
+    /// Make the receipt signing key pair in the state dir, unless it is there (run as the
+    /// service user: the secret key is readable only by its owner).
+    Keygen {
+        /// The service's state dir.
+        #[arg(
+            long,
+            env = "PERFBOX_STATE_DIR",
+            default_value = "/var/lib/perfbox/service"
+        )]
+        state_dir: PathBuf,
     },
     /// (internal) Print the allocated bytes and entries below DIR: how the service measures what
     /// a build's RUN steps wrote, run inside the build daemon's user namespace.
@@ -188,6 +238,29 @@ async fn main() -> Result<()> {
             target,
             client,
         } => submit(&dockerfile, wait, &build_args, target, &client).await,
+        Command::Audit {
+            ids,
+            all,
+            since,
+            json,
+            verbose,
+            client,
+        } => {
+            let sel = audit_cmd::Selection { ids, all, since };
+            if !audit_cmd::audit(sel, json, verbose, &client).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Receipt { id, client } => audit_cmd::receipt(id, &client).await,
+        Command::Verify { receipt, key } => {
+            let key = key.unwrap_or_else(audit_cmd::default_key);
+            if !audit_cmd::verify(&receipt, &key)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Keygen { state_dir } => audit_cmd::keygen(&state_dir),
         Command::Status { id, client } => {
             println!(
                 "{}",

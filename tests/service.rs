@@ -12,9 +12,14 @@ use common::service::{Service, stop_all};
 use common::*;
 use libtest_mimic::{Arguments, Failed, Trial};
 
+static SHARED: OnceLock<Service> = OnceLock::new();
+
 fn shared() -> &'static Service {
-    static S: OnceLock<Service> = OnceLock::new();
-    S.get_or_init(|| Service::start("svc", &[]))
+    SHARED.get_or_init(|| Service::start("svc", &[]))
+}
+
+fn shared_started() -> bool {
+    SHARED.get().is_some()
 }
 
 const SAMPLE: &str = "FROM alpine\nRUN echo hi\nCMD echo '{\"perf\":0.9876}' > /data/perf.json\n";
@@ -326,6 +331,10 @@ fn kill9_restart() -> Result<(), Failed> {
     let fresh = s.submit("FROM busybox\nCMD echo '{\"perf\": 8}' > /data/perf.json\n");
     assert_eq!(s.wait(fresh)["perf"], 8.0);
     assert!(fresh > victim, "ids must keep increasing across restarts");
+    // The interrupted job's spec digest was recorded before it ran: it passes its audit too.
+    let (ok, out, err) = cli_of(&s, &["audit", "--all"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("3 jobs audited: 3 passed, 0 failed"), "{out}");
     Ok(())
 }
 
@@ -530,21 +539,23 @@ fn build_disk_bomb_is_stopped() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Run the perfbox CLI against `s`: (succeeded, stdout, stderr).
+fn cli_of(s: &Service, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_perfbox"))
+        .args(args)
+        .env("PERFBOX_URL", format!("http://127.0.0.1:{}", s.port))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn cli_client() -> Result<(), Failed> {
     let s = shared();
-    let url = format!("http://127.0.0.1:{}", s.port);
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_perfbox"))
-            .args(args)
-            .env("PERFBOX_URL", &url)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| cli_of(s, args);
     let path = s.dir.path().join("cli.Dockerfile");
     std::fs::write(
         &path,
@@ -584,6 +595,234 @@ fn cli_client() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The audit of one job, as `perfbox audit ID --json` reports it: (exit ok, the job's report).
+fn audit_json(s: &Service, id: i64) -> (bool, serde_json::Value) {
+    let (ok, out, err) = cli_of(s, &["audit", &id.to_string(), "--json"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(v["ok"], ok, "the exit status follows the verdict: {v}");
+    (ok, v["jobs"][0].clone())
+}
+
+fn failing(report: &serde_json::Value) -> Vec<String> {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["ok"] == false)
+        .map(|f| f["rule"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn an_edited_spec_fails_its_audit_with_the_rule_and_its_evidence() -> Result<(), Failed> {
+    let s = Service::start("svc-audit", &[]);
+    let id = s.submit(SAMPLE);
+    assert_eq!(s.wait(id)["status"], "succeeded");
+    let (ok, report) = audit_json(&s, id);
+    assert!(ok, "{report:#}");
+    assert_eq!(
+        report["findings"].as_array().unwrap().len(),
+        16,
+        "{report:#}"
+    );
+
+    let path = s.state().join(format!("jobs/{id}/config.json"));
+    let original = std::fs::read(&path).unwrap();
+    let spec: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit, &str, &str); 4] = [
+        (
+            "no_capabilities",
+            |s| {
+                let caps = &mut s["process"]["capabilities"];
+                caps["bounding"] = serde_json::json!(["CAP_SYS_ADMIN"]);
+                caps["effective"] = serde_json::json!(["CAP_SYS_ADMIN"]);
+            },
+            "/process/capabilities/bounding",
+            "CAP_SYS_ADMIN",
+        ),
+        (
+            "only_data_from_host",
+            |s| {
+                s["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+                    "destination": "/host", "type": "bind", "source": "/etc",
+                    "options": ["rbind", "rw"]
+                }))
+            },
+            "/mounts/",
+            "\"/etc\"",
+        ),
+        (
+            "private_namespaces",
+            |s| {
+                let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+                ns.retain(|n| n["type"] != "network");
+            },
+            "/linux/namespaces",
+            "",
+        ),
+        (
+            "user_namespace",
+            |s| s["linux"]["uidMappings"][0]["hostID"] = 0.into(),
+            "/linux/uidMappings",
+            "\"hostID\":0",
+        ),
+    ];
+    for (rule, edit, path_prefix, value_has) in edits {
+        let mut edited = spec.clone();
+        edit(&mut edited);
+        std::fs::write(&path, serde_json::to_vec_pretty(&edited).unwrap()).unwrap();
+        let (ok, report) = audit_json(&s, id);
+        assert!(!ok, "{rule}: {report:#}");
+        assert_eq!(failing(&report), ["spec_integrity", rule], "{report:#}");
+        let finding = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["rule"] == rule)
+            .unwrap();
+        let evidence = finding["evidence"].as_array().unwrap();
+        assert!(
+            evidence
+                .iter()
+                .any(|e| e["path"].as_str().unwrap().starts_with(path_prefix)
+                    && e["value"].to_string().contains(value_has)),
+            "{rule}: {finding:#}"
+        );
+        // The human report names the rule and its evidence, and exits 1.
+        let (ok, out, _) = cli_of(&s, &["audit", &id.to_string()]);
+        assert!(
+            !ok && out.contains(&format!("FAIL {rule}")) && out.contains(path_prefix),
+            "{out}"
+        );
+    }
+    // The file as the sandbox wrote it passes again.
+    std::fs::write(&path, &original).unwrap();
+    assert!(audit_json(&s, id).0);
+    Ok(())
+}
+
+fn every_kind_of_job_passes_its_audit() -> Result<(), Failed> {
+    let s = Service::start("svc-audit-all", &[]);
+    let jobs = [
+        (SAMPLE, "succeeded"),
+        ("FROM busybox\nCMD exit 3\n", "run_failed"),
+        ("FROM busybox\nCMD true\n", "no_perf"),
+        ("FROM busybox\nRUN exit 1\n", "build_failed"),
+        ("FROM busybox\nCMD sleep 60\n", "timed_out"),
+        (
+            "FROM busybox\nADD http://127.0.0.1:1/x /x\n",
+            "build_failed",
+        ),
+    ];
+    let ids: Vec<i64> = jobs.iter().map(|(df, _)| s.submit(df)).collect();
+    for (id, (_, want)) in ids.iter().zip(jobs) {
+        assert_eq!(s.wait(*id)["status"], want, "job {id}");
+    }
+    let (ok, out, err) = cli_of(&s, &["audit", "--all"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("6 jobs audited: 6 passed, 0 failed"), "{out}");
+    // Build failures had their build audited, not a sandbox they never reached.
+    let (_, report) = audit_json(&s, ids[3]);
+    assert_eq!(
+        report["findings"].as_array().unwrap().len(),
+        5,
+        "{report:#}"
+    );
+    assert!(
+        report["not_audited"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("sandbox:")
+    );
+    // --since bounds --all.
+    let (ok, out, _) = cli_of(&s, &["audit", "--all", "--since", "2999-01-01"]);
+    assert!(ok && out.contains("0 jobs audited"), "{out}");
+    let (ok, _, err) = cli_of(&s, &["audit", "--since", "2026-01-01", "1"]);
+    assert!(!ok && err.contains("--since goes with --all"), "{err}");
+    Ok(())
+}
+
+fn receipts_verify_and_changed_ones_do_not() -> Result<(), Failed> {
+    let s = shared();
+    let id = s.submit(SAMPLE);
+    assert_eq!(s.wait(id)["perf"], 0.9876);
+    // The secret key is the service user's alone.
+    let secret = s.state().join("receipt.key");
+    let meta = std::fs::metadata(&secret).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        nix::unistd::User::from_uid(meta.uid().into())
+            .unwrap()
+            .unwrap()
+            .name,
+        user()
+    );
+    let (ok, receipt, err) = cli_of(s, &["receipt", &id.to_string()]);
+    assert!(ok, "{err}");
+    let dir = s.dir.path();
+    let file = dir.join(format!("receipt-{id}.json"));
+    std::fs::write(&file, &receipt).unwrap();
+    let public = s.state().join("receipt.pub");
+    let verify = |r: &std::path::Path, key: &std::path::Path| {
+        cli_of(
+            s,
+            &[
+                "verify",
+                r.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ],
+        )
+    };
+    let (ok, out, err) = verify(&file, &public);
+    assert!(ok && out.starts_with("OK: job"), "{out}{err}");
+    // GET /receipt-key's answer is a key file too.
+    let key_json = dir.join("receipt-key.json");
+    std::fs::write(&key_json, s.curl(&["/receipt-key"]).1.to_string()).unwrap();
+    assert!(verify(&file, &key_json).0);
+
+    // perf changed: the signature fails.
+    let mut changed: serde_json::Value = serde_json::from_str(&receipt).unwrap();
+    changed["receipt"]["perf"] = serde_json::json!(0.9999);
+    let changed_file = dir.join(format!("receipt-{id}-changed.json"));
+    std::fs::write(&changed_file, changed.to_string()).unwrap();
+    let (ok, out, _) = verify(&changed_file, &public);
+    assert!(!ok && out.contains("INVALID: signature"), "{out}");
+    // Another key: refused, naming both keys.
+    let other = TestDir::new("other-key");
+    let (ok, _, err) = cli_of(
+        s,
+        &["keygen", "--state-dir", other.path().to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let (ok, out, _) = verify(&file, &other.path().join("receipt.pub"));
+    assert!(!ok && out.contains("INVALID: key"), "{out}");
+    // A malformed field is named.
+    changed["receipt"]["perf"] = serde_json::json!("high");
+    std::fs::write(&changed_file, changed.to_string()).unwrap();
+    let (ok, out, _) = verify(&changed_file, &public);
+    assert!(!ok && out.contains("receipt.perf"), "{out}");
+    Ok(())
+}
+
+/// After every other trial: each job the shared service ran for them passes its audit.
+fn the_suites_jobs_pass_their_audit() -> Result<(), Failed> {
+    let s = shared();
+    let (ok, out, err) = cli_of(s, &["audit", "--all"]);
+    let total = s.total_jobs();
+    assert!(total > 0);
+    assert!(
+        ok && out.contains(&format!(
+            "{total} {} audited: {total} passed, 0 failed",
+            if total == 1 { "job" } else { "jobs" }
+        )),
+        "{out}{err}"
+    );
+    Ok(())
+}
+
 fn main() {
     require_setup();
     require_buildkitd(&buildkit_socket());
@@ -617,8 +856,33 @@ fn main() {
             "resubmission_reuses_the_cached_image",
             resubmission_reuses_the_cached_image,
         ),
+        Trial::test(
+            "an_edited_spec_fails_its_audit_with_the_rule_and_its_evidence",
+            an_edited_spec_fails_its_audit_with_the_rule_and_its_evidence,
+        ),
+        Trial::test(
+            "every_kind_of_job_passes_its_audit",
+            every_kind_of_job_passes_its_audit,
+        ),
+        Trial::test(
+            "receipts_verify_and_changed_ones_do_not",
+            receipts_verify_and_changed_ones_do_not,
+        ),
     ];
-    let conclusion = libtest_mimic::run(&args, trials);
+    let mut conclusion = libtest_mimic::run(&args, trials);
+    // Then, over what the trials above left on the shared service (skipped when none of them
+    // used it, e.g. under a name filter).
+    let name = "the_suites_jobs_pass_their_audit";
+    let last = libtest_mimic::run(
+        &args,
+        vec![if shared_started() {
+            Trial::test(name, the_suites_jobs_pass_their_audit)
+        } else {
+            skipped(name, "no trial that ran used the shared service")
+        }],
+    );
+    conclusion.num_failed += last.num_failed;
+    conclusion.num_passed += last.num_passed;
     stop_all();
     conclusion.exit();
 }

@@ -9,7 +9,8 @@
 //! 3. The sandbox rules of [`crate::sandbox::audit::RULES`], on the spec file itself.
 //!
 //! A job is audited on what it has: one that never started building has nothing to audit, one
-//! that never reached the sandbox only its build. [`JobAudit::not_audited`] says which parts
+//! that never reached the sandbox only its build. A job that built without a build record (from
+//! before perfbox kept them) fails `build_recorded`. [`JobAudit::not_audited`] says which parts
 //! were left out and why; they do not fail the audit.
 
 use std::io::Read;
@@ -255,6 +256,18 @@ pub fn audit_job(rec: &JobRecord, basis: &AuditBasis<'_>) -> JobAudit {
                 evidence,
             }
         })),
+        // It built, but the record does not say with what (a job from before perfbox kept
+        // build records): that cannot be shown to be right.
+        None if rec.build_started_at.is_some() => findings.push(Finding {
+            rule: "build_recorded",
+            source: RECORD_SOURCE,
+            ok: false,
+            detail: "the job built, but its record does not say what the build ran with".into(),
+            evidence: vec![Evidence {
+                path: "/build".into(),
+                value: Value::Null,
+            }],
+        }),
         None => not_audited.push(format!(
             "build: the job is {} and never started a build",
             rec.status
@@ -459,6 +472,29 @@ mod tests {
                 "CONVERT docker-image://docker.io/* => docker-image://docker.io/${1}".into();
         });
         assert!(!ok);
+    }
+
+    #[test]
+    fn a_job_that_built_without_a_build_record_fails_one_that_never_built_is_not_audited() {
+        let record = |build_started_at: Option<f64>| -> JobRecord {
+            let row = serde_json::json!({
+                "id": 1, "filename": "d", "status": "build_failed", "dockerfile_sha256": "a",
+                "created_at": 1.0, "build_started_at": build_started_at,
+            });
+            serde_json::from_str(&row.to_string()).unwrap()
+        };
+        let basis = AuditBasis {
+            job_dir: Path::new("/nonexistent"),
+            seccomp_digest: "",
+            frontend: FRONTEND,
+        };
+        let a = audit_job(&record(Some(2.0)), &basis);
+        assert!(!a.ok);
+        assert_eq!(a.findings[0].rule, "build_recorded");
+        assert_eq!(a.findings[0].evidence[0].path, "/build");
+        let a = audit_job(&record(None), &basis);
+        assert!(a.ok && a.findings.is_empty());
+        assert_eq!(a.not_audited.len(), 2, "{:?}", a.not_audited);
     }
 
     #[test]
