@@ -131,6 +131,16 @@ check bomb-cgroup-used test "$(echo "$recb" | jq -r .build.cgroup.used)" = true
 check ordinary-after-bomb test "$(echo "$rn" | jq -r .perf)" = 0.5
 check buildkitd-survived-bomb test "$(main_pid perfbox-buildkitd.service)" = "$bk_pid"
 
+section "audit and receipts"
+perfbox audit --all
+check audit-all-pass perfbox audit --all
+check receipt-key-private test "$(stat -c %a:%U /var/lib/perfbox/service/receipt.key)" = 600:perfbox
+perfbox receipt "$id1" >/tmp/receipt.json
+check receipt-verifies perfbox verify /tmp/receipt.json --key /var/lib/perfbox/service/receipt.pub
+sed 's/"perf": 0.9876/"perf": 0.99/' /tmp/receipt.json >/tmp/receipt-changed.json
+check receipt-changed-fails sh -c '! perfbox verify /tmp/receipt-changed.json --key /var/lib/perfbox/service/receipt.pub'
+receipt_key=$(cat /var/lib/perfbox/service/receipt.pub)
+
 section "restart: small memory limit, finished jobs kept"
 sed -i '/^\[limits\]/,$ s/^memory_bytes = .*/memory_bytes = 67108864   # 64 MiB (vm test)/' /etc/perfbox/config.toml
 grep '^memory_bytes' /etc/perfbox/config.toml
@@ -184,6 +194,9 @@ tail -5 /tmp/install2.log
 timing install-again $(($(date +%s) - t))
 check install-twice-no-restart test "$(main_pid perfbox.service)" = "$pid_before"
 check install-twice-keeps-jobs test "$(curl -sS $api/job/performance/"$id1" | jq -r .perf)" = 0.9876
+check install-twice-keeps-receipt-key test "$(cat /var/lib/perfbox/service/receipt.pub)" = "$receipt_key"
+perfbox audit --all | tail -n 1
+check audit-all-pass-after-restarts perfbox audit --all
 
 section "tests/sandbox.rs with each runtime (cgroup v2)"
 # The test binary expects what scripts/setup provides: the perfbox user, /var/lib/perfbox and a
