@@ -378,16 +378,6 @@ async fn tokens_are_required_and_owners_see_only_their_jobs() {
     let c = post(&h, &[("file", Some("d"), df)], Some("alice-secret-1")).await;
     assert_eq!(c.status, StatusCode::ACCEPTED);
     let id = c.json["id"].as_i64().unwrap();
-    let path = format!("/job/performance/{id}");
-    assert_eq!(
-        get(&h, &path, Some("alice-secret-1")).await.status,
-        StatusCode::OK
-    );
-    assert_error(
-        &get(&h, &path, Some("bob-secret-22")).await,
-        StatusCode::NOT_FOUND,
-        "no job",
-    );
     assert_eq!(
         get(&h, "/jobs", Some("bob-secret-22")).await.json["total"],
         0
@@ -396,13 +386,14 @@ async fn tokens_are_required_and_owners_see_only_their_jobs() {
         get(&h, "/job/1", Some("alice-secret-1")).await.json["owner"],
         "alice"
     );
-    // Audits and receipts are the owner's too.
+    // The result, the audit and the receipt are the owner's alone.
     h.finish(id).await;
-    for what in ["audit", "receipt"] {
-        let path = format!("/job/{id}/{what}");
+    for what in ["performance/{id}", "{id}/audit", "{id}/receipt"] {
+        let path = format!("/job/{}", what.replace("{id}", &id.to_string()));
         assert_eq!(
             get(&h, &path, Some("alice-secret-1")).await.status,
-            StatusCode::OK
+            StatusCode::OK,
+            "{path}"
         );
         assert_error(
             &get(&h, &path, Some("bob-secret-22")).await,

@@ -348,14 +348,8 @@ async fn a_restart_interrupts_what_the_service_held_and_keeps_the_rest() {
 
 #[tokio::test]
 async fn one_owners_builds_share_its_cgroup_until_the_last_one_ends() {
-    // A cgroupfs stand-in where builds get cgroups of their own (v1 layout).
     let dir = tempfile::tempdir().unwrap();
-    let cgroot = dir.path().join("cgroup");
-    for h in ["memory", "pids"] {
-        std::fs::create_dir_all(cgroot.join(h).join("pb/runs")).unwrap();
-    }
-    let uid = nix::unistd::geteuid().as_raw();
-    let cgroups = crate::sandbox::build_cgroup::BuildCgroups::detect_in(&cgroot, "/pb/runs", uid);
+    let (cgroot, cgroups) = cgroupfs_standin(dir.path());
     assert!(cgroups.available());
     let mut cfg = config(&dir.path().join("state"));
     cfg.build.cache_scope = crate::config::CacheScope::Owner;
@@ -380,16 +374,28 @@ async fn one_owners_builds_share_its_cgroup_until_the_last_one_ends() {
     );
 }
 
-/// A fake service whose builds get cgroups of their own (a v1 cgroupfs stand-in), as on a
-/// host where every audit rule can pass.
-async fn harness_with_build_cgroups() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let cgroot = dir.path().join("cgroup");
+/// A cgroupfs stand-in under `dir` where builds get cgroups of their own (v1 layout, parent
+/// `/pb/runs`): its root, and the build cgroups found there.
+fn cgroupfs_standin(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    crate::sandbox::build_cgroup::BuildCgroups,
+) {
+    let cgroot = dir.join("cgroup");
     for h in ["memory", "pids"] {
         std::fs::create_dir_all(cgroot.join(h).join("pb/runs")).unwrap();
     }
     let uid = nix::unistd::geteuid().as_raw();
     let cgroups = crate::sandbox::build_cgroup::BuildCgroups::detect_in(&cgroot, "/pb/runs", uid);
+    (cgroot, cgroups)
+}
+
+/// A fake service whose builds get cgroups of their own, as on a host where every audit rule
+/// can pass.
+async fn harness_with_build_cgroups() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cgroups) = cgroupfs_standin(dir.path());
     let cfg = config(&dir.path().join("state"));
     fake_service_with(dir, cfg, cgroups).await
 }
