@@ -29,9 +29,9 @@ use crate::buildkit::{
 };
 use crate::config::{BuildNetworkSetting, CacheScope};
 use crate::image::ImageConfig;
-use crate::sandbox::RunRequest;
 use crate::sandbox::build_cgroup::{BuildCgroup, BuildCgroups, BuildLimits};
 use crate::sandbox::build_writes::BuildWrites;
+use crate::sandbox::{Prepared, RunRequest};
 
 /// The frontend every build runs with.
 pub(super) const FRONTEND: &str =
@@ -366,48 +366,14 @@ impl JobService {
                 format!("cannot record the run: {e}"),
             );
         }
-        let container_id = format!(
-            "perfbox-{id}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
         let started = Instant::now();
-        let prepared = self
-            .inner
-            .runner
-            .prepare(RunRequest {
-                job_dir: dir.path(),
-                rootfs: image.lease.rootfs(),
-                image: &image.config,
-                container_id: &container_id,
-                limits: None,
-                cancel: cancel.child_token(),
-            })
-            .await;
-        let prepared = match prepared {
+        let prepared = match self
+            .prepare_run(id, dir, image.lease.rootfs(), &image.config, cancel)
+            .await
+        {
             Ok(p) => p,
-            Err(e) => {
-                return ending(
-                    JobStatus::RunFailed,
-                    format!("the sandbox could not prepare the run: {e}"),
-                );
-            }
+            Err((status, error)) => return ending(status, error),
         };
-        // The spec is written: its digest, the runtime and the limits go in the record before
-        // anything runs (an audit of a run that never ends, as after a crash, still has them).
-        let sandbox = Patch {
-            spec_sha256: Some(prepared.spec_sha256.clone()),
-            runtime_version: Some(prepared.runtime_version.clone()),
-            runtime: Some(self.inner.cfg.runtime.to_string()),
-            cgroup: Some(self.inner.runner.cgroup_version().to_owned()),
-            limits: serde_json::to_value(&prepared.applied).ok(),
-            ..Patch::default()
-        };
-        if let Err(e) = self.inner.store.annotate(id, JobStatus::Running, sandbox) {
-            return ending(
-                JobStatus::Interrupted,
-                format!("cannot record the run's spec: {e}"),
-            );
-        }
         let report = self
             .inner
             .runner
@@ -437,6 +403,58 @@ impl JobService {
         patch.limits = serde_json::to_value(&report.applied).ok();
         patch.oom_killed = Some(report.oom_killed);
         (status, patch)
+    }
+
+    /// Phase 2's start: write the run's spec, then record its digest, the runtime and the limits
+    /// before anything runs (an audit of a run that never ends, as after a crash, has them).
+    async fn prepare_run(
+        &self,
+        id: JobId,
+        dir: &JobDir,
+        rootfs: &std::path::Path,
+        config: &ImageConfig,
+        cancel: &CancellationToken,
+    ) -> Result<Prepared, Ending> {
+        let container_id = format!(
+            "perfbox-{id}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let prepared = self
+            .inner
+            .runner
+            .prepare(RunRequest {
+                job_dir: dir.path(),
+                rootfs,
+                image: config,
+                container_id: &container_id,
+                limits: None,
+                cancel: cancel.child_token(),
+            })
+            .await
+            .map_err(|e| {
+                (
+                    JobStatus::RunFailed,
+                    format!("the sandbox could not prepare the run: {e}"),
+                )
+            })?;
+        let sandbox = Patch {
+            spec_sha256: Some(prepared.spec_sha256.clone()),
+            runtime_version: Some(prepared.runtime_version.clone()),
+            runtime: Some(self.inner.cfg.runtime.to_string()),
+            cgroup: Some(self.inner.runner.cgroup_version().to_owned()),
+            limits: serde_json::to_value(&prepared.applied).ok(),
+            ..Patch::default()
+        };
+        self.inner
+            .store
+            .annotate(id, JobStatus::Running, sandbox)
+            .map_err(|e| {
+                (
+                    JobStatus::Interrupted,
+                    format!("cannot record the run's spec: {e}"),
+                )
+            })?;
+        Ok(prepared)
     }
 
     /// The build scope tag of a job: its own, or its owner's ([`CacheScope`]).
