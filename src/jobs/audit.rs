@@ -13,7 +13,6 @@
 //! before perfbox kept them) fails `build_recorded`. [`JobAudit::not_audited`] says which parts
 //! were left out and why; they do not fail the audit.
 
-use std::io::Read;
 use std::path::Path;
 
 use serde::Serialize;
@@ -225,20 +224,6 @@ fn build_cgroup(build: &Value, _: &AuditBasis<'_>) -> Verdict {
         format!("RUN steps shared the build daemon's cgroup: {why}"),
         vec![e],
     )
-}
-
-/// `sha256` (hex) of a file's bytes.
-pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = [0u8; 64 << 10];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
-    }
 }
 
 /// Audit one job.

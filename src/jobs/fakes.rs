@@ -249,7 +249,9 @@ impl Runner for FakeRunner {
                 limits: crate::sandbox::policy::Limits::default(),
                 applied,
                 spec_sha256,
+                runtime: RuntimeKind::Runc,
                 runtime_version: "fake-runtime 1.0".into(),
+                cgroup_version: "none",
             })
             .inspect(|p: &Prepared| {
                 let id = p.container_id.clone();
@@ -284,10 +286,6 @@ impl Runner for FakeRunner {
                 oom_killed: oom,
                 perf,
                 applied: prepared.applied.clone(),
-                cgroup_version: "none",
-                runtime: RuntimeKind::Runc,
-                runtime_version: "fake-runtime 1.0".into(),
-                spec_sha256: prepared.spec_sha256.clone(),
                 log_dropped_bytes: 0,
                 log_tail: format!("fake run: {what}\n"),
             };

@@ -398,9 +398,7 @@ impl JobService {
             log_tail: &report.log_tail,
             memory_limit: self.inner.runner.memory_limit(),
         });
-        patch.runtime = Some(report.runtime.to_string());
-        patch.cgroup = Some(report.cgroup_version.to_string());
-        patch.limits = serde_json::to_value(&report.applied).ok();
+        // runtime, cgroup and limits were recorded when the spec was written (prepare_run).
         patch.oom_killed = Some(report.oom_killed);
         (status, patch)
     }
@@ -440,8 +438,8 @@ impl JobService {
         let sandbox = Patch {
             spec_sha256: Some(prepared.spec_sha256.clone()),
             runtime_version: Some(prepared.runtime_version.clone()),
-            runtime: Some(self.inner.cfg.runtime.to_string()),
-            cgroup: Some(self.inner.runner.cgroup_version().to_owned()),
+            runtime: Some(prepared.runtime.to_string()),
+            cgroup: Some(prepared.cgroup_version.to_owned()),
             limits: serde_json::to_value(&prepared.applied).ok(),
             ..Patch::default()
         };

@@ -56,7 +56,8 @@ impl Runner for Sandbox {
     }
 
     fn version(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.runtime_version().await.map_err(|e| e.to_string()) })
+        // Asked afresh: a health check must notice a runtime that stopped working.
+        Box::pin(async move { self.runtime().version().await.map_err(|e| e.to_string()) })
     }
 
     fn cgroup_version(&self) -> &'static str {
@@ -68,6 +69,6 @@ impl Runner for Sandbox {
     }
 
     fn seccomp_digest(&self) -> String {
-        Sandbox::seccomp_digest(self)
+        Sandbox::seccomp_digest(self).to_owned()
     }
 }

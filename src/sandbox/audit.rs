@@ -262,15 +262,20 @@ fn no_capabilities(spec: &Value, _: &Expect<'_>) -> Verdict {
     }
 }
 
-fn no_new_privileges(spec: &Value, _: &Expect<'_>) -> Verdict {
-    let e = at(spec, "/process/noNewPrivileges");
+/// The verdict on a flag that must be `true` at `path`.
+fn flag_set(spec: &Value, path: &str, set: &str, unset: &str) -> Verdict {
+    let e = at(spec, path);
     let ok = e.value == Value::Bool(true);
-    let detail = if ok {
-        "set"
-    } else {
-        "not set: setuid binaries could raise privileges"
-    };
-    (ok, detail.into(), vec![e])
+    (ok, if ok { set } else { unset }.into(), vec![e])
+}
+
+fn no_new_privileges(spec: &Value, _: &Expect<'_>) -> Verdict {
+    flag_set(
+        spec,
+        "/process/noNewPrivileges",
+        "set",
+        "not set: setuid binaries could raise privileges",
+    )
 }
 
 fn seccomp(spec: &Value, expect: &Expect<'_>) -> Verdict {
@@ -311,14 +316,12 @@ fn seccomp(spec: &Value, expect: &Expect<'_>) -> Verdict {
 }
 
 fn read_only_root(spec: &Value, _: &Expect<'_>) -> Verdict {
-    let e = at(spec, "/root/readonly");
-    let ok = e.value == Value::Bool(true);
-    let detail = if ok {
-        "read-only"
-    } else {
-        "the root filesystem is writable"
-    };
-    (ok, detail.into(), vec![e])
+    flag_set(
+        spec,
+        "/root/readonly",
+        "read-only",
+        "the root filesystem is writable",
+    )
 }
 
 /// Mount types that never bring a host path in.

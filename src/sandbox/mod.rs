@@ -162,14 +162,6 @@ pub struct RunReport {
     pub perf: Result<f64, PerfError>,
     /// What limits really applied.
     pub applied: AppliedLimits,
-    /// cgroup layout used ("v1", "v2", "none").
-    pub cgroup_version: &'static str,
-    /// The runtime used.
-    pub runtime: RuntimeKind,
-    /// Its version (`--version`, first line).
-    pub runtime_version: String,
-    /// SHA-256 (hex) of the spec file as written for this run.
-    pub spec_sha256: String,
     /// Bytes of output beyond the log cap (counted, not stored).
     pub log_dropped_bytes: u64,
     /// The last lines of the log (for failure reasons).
@@ -206,8 +198,12 @@ pub struct Prepared {
     pub applied: AppliedLimits,
     /// SHA-256 (hex) of `config.json` as written.
     pub spec_sha256: String,
+    /// The runtime that will run it.
+    pub runtime: RuntimeKind,
     /// The runtime's version.
     pub runtime_version: String,
+    /// cgroup layout the limits go through ("v1", "v2", "none").
+    pub cgroup_version: &'static str,
 }
 
 /// A configured sandbox, shared by all jobs.
@@ -220,6 +216,8 @@ pub struct Sandbox {
     seccomp: LinuxSeccomp,
     /// The runtime's version, asked once.
     version: Arc<tokio::sync::OnceCell<String>>,
+    /// [`audit::seccomp_digest`] of `seccomp`.
+    seccomp_digest: String,
 }
 
 /// Return the OCI spec a job ran with (its `config.json`), for audit.
@@ -254,6 +252,9 @@ impl Sandbox {
             identity,
             limits: cfg.limits,
             cgroups,
+            seccomp_digest: audit::seccomp_digest(
+                &serde_json::to_value(&seccomp).unwrap_or_default(),
+            ),
             seccomp,
             version: Arc::default(),
         })
@@ -269,8 +270,8 @@ impl Sandbox {
 
     /// The digest ([`audit::seccomp_digest`]) of the seccomp section every spec carries: what
     /// the audit's `seccomp` rule compares a job's spec with.
-    pub fn seccomp_digest(&self) -> String {
-        audit::seccomp_digest(&serde_json::to_value(&self.seccomp).unwrap_or_default())
+    pub fn seccomp_digest(&self) -> &str {
+        &self.seccomp_digest
     }
 
     /// The runtime in use.
@@ -323,8 +324,7 @@ impl Sandbox {
     /// Steps 1 to 3: the process, the job directory and the spec, written to `config.json`.
     /// Nothing runs yet; what is returned says what will (the spec's digest, the limits).
     pub async fn prepare(&self, req: RunRequest<'_>) -> Result<Prepared, SandboxError> {
-        let limits = req.limits.unwrap_or(&self.limits).clone();
-        let limits = &limits;
+        let limits = req.limits.unwrap_or(&self.limits);
         let job_dir =
             std::path::absolute(req.job_dir).map_err(io_err("bad job dir", req.job_dir))?;
         let rootfs = std::path::absolute(req.rootfs).map_err(io_err("bad rootfs", req.rootfs))?;
@@ -398,7 +398,9 @@ impl Sandbox {
             limits: limits.clone(),
             applied,
             spec_sha256,
+            runtime: self.runtime.kind,
             runtime_version,
+            cgroup_version: self.cgroups.version(),
         })
     }
 
@@ -414,8 +416,7 @@ impl Sandbox {
             container_id,
             limits,
             applied,
-            spec_sha256,
-            runtime_version,
+            ..
         } = prepared;
         let limits = &limits;
         let out_dir = job_dir.join(OUT_DIR);
@@ -509,10 +510,6 @@ impl Sandbox {
             oom_killed,
             perf,
             applied,
-            cgroup_version: self.cgroups.version(),
-            runtime: self.runtime.kind,
-            runtime_version,
-            spec_sha256,
             log_dropped_bytes,
             log_tail,
         })
