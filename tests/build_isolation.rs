@@ -71,22 +71,7 @@ fn get_as(s: &Service, token: &str, path: &str) -> Value {
 
 /// Poll until the job ends; its final `/job/performance` answer.
 fn wait_as(s: &Service, token: &str, id: i64, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let v = get_as(s, token, &format!("/job/performance/{id}"));
-        if !matches!(
-            v["status"].as_str(),
-            Some("queued" | "building" | "running")
-        ) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} did not finish: {v}\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.wait_with(id, Some(token), within)
 }
 
 fn record(s: &Service, token: &str, id: i64) -> Value {
@@ -384,6 +369,20 @@ fn run_memory_bomb_is_contained() -> Result<(), Failed> {
 
 // ---- 3. one image cannot fill the disk --------------------------------------------------------------
 
+/// [`attack_beside`] while watching free disk: the attack's answer (it must be `build_failed`)
+/// and the most free disk dropped meanwhile.
+fn disk_attack(s: &Service, dockerfile: &str) -> Result<(Value, u64), Failed> {
+    let mut disk = LowestFreeDisk::start();
+    let v = attack_beside(s, dockerfile)?;
+    let drop = disk.stop();
+    eprintln!(
+        "  free disk dropped by at most {} MB during the attack",
+        drop >> 20
+    );
+    assert_eq!(v["status"], "build_failed", "{v}");
+    Ok((v, drop))
+}
+
 fn sparse_giant_is_refused_at_export() -> Result<(), Failed> {
     let max = 64u64 << 20;
     let s = service(
@@ -391,22 +390,15 @@ fn sparse_giant_is_refused_at_export() -> Result<(), Failed> {
         &format!("[build]\nmax_image_bytes = {max}\n"),
         &[],
     );
-    let mut disk = LowestFreeDisk::start();
     let df = format!(
         "FROM busybox\nRUN echo {}; truncate -s 256G /big\n",
         nonce()
     );
-    let v = attack_beside(&s, &df)?;
-    assert_eq!(v["status"], "build_failed", "{v}");
+    let (v, drop) = disk_attack(&s, &df)?;
     let err = v["error"].as_str().unwrap_or("");
     assert!(
         err.contains(&format!("larger than the {max} byte limit")) && err.contains("\"big\""),
         "{err}"
-    );
-    let drop = disk.stop();
-    eprintln!(
-        "  free disk dropped by at most {} MB during the attack",
-        drop >> 20
     );
     // The ordinary job's image and logs are a few MB; other tests may write beside this one.
     assert!(
@@ -423,7 +415,6 @@ fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
         &format!("[build]\nmax_image_bytes = {max}\nmax_image_files = 5000\n"),
         &[],
     );
-    let mut disk = LowestFreeDisk::start();
     // Real blocks, written until the disk is full unless something stops it; as another user
     // (a subuid), in a directory the service's own uid cannot read.
     let writer = format!(
@@ -431,19 +422,12 @@ fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
          USER 1000\nRUN i=0; while :; do head -c 8388608 /dev/zero > /hide/f$i; i=$((i+1)); done\n",
         nonce()
     );
-    let v = attack_beside(&s, &writer)?;
-    assert_eq!(v["status"], "build_failed", "{v}");
+    let (v, drop) = disk_attack(&s, &writer)?;
     let err = v["error"].as_str().unwrap_or("");
     assert!(
         err.contains("the build was stopped: its RUN steps wrote")
             && err.contains("max_image_bytes"),
         "{err}"
-    );
-    let drop = disk.stop();
-    eprintln!(
-        "  free disk dropped by at most {} MB (limit {} MB)",
-        drop >> 20,
-        max >> 20
     );
     assert!(drop < max + (1 << 30), "free disk dropped by {drop} bytes");
     // Many small files: stopped by the file count.

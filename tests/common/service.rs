@@ -232,9 +232,18 @@ impl Service {
 
     /// Poll /job/performance/<id> until the job ends.
     pub fn wait(&self, id: i64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(180);
+        self.wait_with(id, None, Duration::from_secs(180))
+    }
+
+    /// [`Self::wait`] with a bearer token (when tokens are on) and a time limit.
+    pub fn wait_with(&self, id: i64, token: Option<&str>, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let path = format!("/job/performance/{id}");
+        let mut args: Vec<&str> = auth.iter().flat_map(|a| ["-H", a.as_str()]).collect();
+        args.push(&path);
         loop {
-            let (code, v) = self.curl(&[&format!("/job/performance/{id}")]);
+            let (code, v) = self.curl(&args);
             assert_eq!(code, 200, "{v}");
             if !matches!(
                 v["status"].as_str(),
