@@ -617,7 +617,10 @@ fn failing(report: &serde_json::Value) -> Vec<String> {
 fn an_edited_spec_fails_its_audit_with_the_rule_and_its_evidence() -> Result<(), Failed> {
     let s = Service::start("svc-audit", &[]);
     let id = s.submit(SAMPLE);
+    // An ordinary job beside the one whose spec is tampered with.
+    let other = s.submit("FROM busybox\nCMD echo '{\"perf\": 0.5}' > /data/perf.json\n");
     assert_eq!(s.wait(id)["status"], "succeeded");
+    assert_eq!(s.wait(other)["perf"], 0.5);
     let (ok, report) = audit_json(&s, id);
     assert!(ok, "{report:#}");
     assert_eq!(
@@ -693,6 +696,16 @@ fn an_edited_spec_fails_its_audit_with_the_rule_and_its_evidence() -> Result<(),
         let (ok, out, _) = cli_of(&s, &["audit", &id.to_string()]);
         assert!(
             !ok && out.contains(&format!("FAIL {rule}")) && out.contains(path_prefix),
+            "{out}"
+        );
+        // Only the tampered job fails; the one beside it still passes.
+        assert!(
+            audit_json(&s, other).0,
+            "{rule}: the other job's audit failed"
+        );
+        let (ok, out, _) = cli_of(&s, &["audit", "--all"]);
+        assert!(
+            !ok && out.contains("2 jobs audited: 1 passed, 1 failed"),
             "{out}"
         );
     }
