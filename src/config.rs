@@ -160,6 +160,18 @@ pub struct Config {
     pub limits: Limits,
     /// API tokens; empty = no authentication.
     pub tokens: Vec<Token>,
+    /// The job store: None for the embedded SQLite file in `state_dir`; a `postgres://` URL for
+    /// a PostgreSQL database that several perfbox nodes share (see docs/scaling.md).
+    pub database_url: Option<String>,
+    /// This node's API as other nodes and `GET /nodes` show it (default: `http://<bind>`).
+    pub node_url: Option<String>,
+    /// How long a node's claim on a job holds without renewal (renewed every third of it); a
+    /// node silent for longer loses its jobs to the others.
+    pub lease_secs: u64,
+    /// With a shared (PostgreSQL) store: how many times a job may be claimed before a lost node
+    /// ends it `interrupted` rather than queueing it again. With SQLite a job whose perfbox
+    /// stopped is `interrupted` at once.
+    pub max_attempts: u32,
 }
 
 impl Default for Config {
@@ -185,6 +197,10 @@ impl Default for Config {
             build: BuildIsolation::default(),
             limits: Limits::default(),
             tokens: vec![],
+            database_url: None,
+            node_url: None,
+            lease_secs: 60,
+            max_attempts: 3,
         }
     }
 }
@@ -310,6 +326,10 @@ pub const OPTIONS: &[Opt] = &[
     opt("limits.data_bytes", "PERFBOX_DATA_BYTES", None),
     opt("limits.data_files", "PERFBOX_DATA_FILES", None),
     opt("tokens", "PERFBOX_TOKENS", None),
+    opt("database_url", "PERFBOX_DATABASE_URL", Some("database-url")),
+    opt("node_url", "PERFBOX_NODE_URL", None),
+    opt("lease_secs", "PERFBOX_LEASE_SECS", None),
+    opt("max_attempts", "PERFBOX_MAX_ATTEMPTS", None),
 ];
 
 /// The slot of `path` (`a.b`) in a JSON tree.
@@ -424,6 +444,18 @@ impl Config {
 
     /// Reject unusable combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.lease_secs < 3 || self.max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "lease_secs must be >= 3 and max_attempts >= 1".into(),
+            ));
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "database_url must be a postgres:// URL (got {url:?}); leave it out for SQLite"
+            )));
+        }
         if self.max_concurrent_builds == 0 || self.max_concurrent_runs == 0 {
             return Err(ConfigError::Invalid(
                 "max_concurrent_builds and max_concurrent_runs must be >= 1".into(),

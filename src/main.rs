@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use perfbox::buildkit::BuildkitClient;
 use perfbox::config::Config;
 use perfbox::jobs::service::{Deps, build_cgroups_for};
-use perfbox::jobs::{JobService, SqliteStore};
+use perfbox::jobs::{JobService, SqliteStore, pg_store::PgStore};
 use perfbox::sandbox::{Sandbox, SandboxConfig};
 
 #[derive(Parser)]
@@ -352,11 +352,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     .with_registry_credentials(cfg.registry_credentials());
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("state dir {}", cfg.state_dir.display()))?;
-    let store = SqliteStore::open(&cfg.state_dir.join("jobs.db")).context("job database")?;
+    let store: Arc<dyn perfbox::jobs::Store> = match &cfg.database_url {
+        Some(url) => Arc::new(PgStore::open(url).context("job database (PostgreSQL)")?),
+        None => {
+            Arc::new(SqliteStore::open(&cfg.state_dir.join("jobs.db")).context("job database")?)
+        }
+    };
     let build_cgroups = build_cgroups_for(&cfg, buildkit.addr());
     let jobs = JobService::start(Deps {
         cfg: cfg.clone(),
-        store: Arc::new(store),
+        store,
         builder: Arc::new(buildkit),
         runner: Arc::new(sandbox),
         build_cgroups,

@@ -292,6 +292,29 @@ pub async fn healthz(State(jobs): State<JobService>) -> Response {
     (status, Json(h)).into_response()
 }
 
+/// `GET /nodes`: every node that registered with this store; `alive` = heartbeat within two
+/// leases (by this node's clock).
+pub async fn nodes(
+    State(jobs): State<JobService>,
+    Caller(_): Caller,
+) -> Result<Response, ApiError> {
+    let (me, lease) = jobs.node();
+    let now = crate::jobs::store::now();
+    let nodes: Vec<serde_json::Value> = jobs
+        .nodes()?
+        .into_iter()
+        .map(|n| {
+            let alive = now - n.heartbeat_at < 2.0 * lease.as_secs_f64();
+            let this = n.name == me;
+            let mut v = serde_json::to_value(n).unwrap_or_default();
+            v["alive"] = alive.into();
+            v["this"] = this.into();
+            v
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
+}
+
 /// `GET /metrics`.
 pub async fn metrics(
     State(jobs): State<JobService>,

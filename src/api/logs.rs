@@ -45,6 +45,7 @@ struct Follow {
     offset: u64,
     follow: bool,
     header_sent: bool,
+    refreshed: bool,
 }
 
 impl Follow {
@@ -73,6 +74,14 @@ impl Follow {
                 0 => status != JobStatus::Queued && status != JobStatus::Building,
                 _ => status.is_terminal(),
             };
+            if status.is_terminal() && !self.refreshed {
+                // Run by another node: its logs are here once it has ended (see
+                // JobService::local_dir).
+                self.refreshed = true;
+                if let Ok(paths) = self.jobs.log_paths(self.id, &self.owner) {
+                    self.paths = paths;
+                }
+            }
             if part_done || !self.follow {
                 // One last read: the writer may have added a final line after our read.
                 let tail = read_from(&self.paths[self.part], &mut self.offset);
@@ -108,6 +117,7 @@ pub async fn logs(
         offset: 0,
         follow,
         header_sent: false,
+        refreshed: false,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         st.next()

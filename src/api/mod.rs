@@ -13,7 +13,8 @@
 //! | `GET /job/{id}/audit` | every audit rule's verdict with its evidence (`ok` says whether all passed) |
 //! | `GET /job/{id}/receipt` | the signed receipt of a finished job (409 before) |
 //! | `GET /receipt-key` | the public key receipts are signed with (no token needed) |
-//! | `DELETE /job/{id}` | cancel |
+//! | `DELETE /job/{id}` | cancel (on any node: the job's node is told through the store) |
+//! | `GET /nodes` | the nodes working from this store: name, url, capacity, pid, heartbeat, `alive` |
 //! | `GET /healthz`, `GET /metrics` | health (no token needed) and Prometheus metrics |
 
 mod error;
@@ -46,6 +47,7 @@ pub fn router(jobs: JobService) -> Router {
         .route("/job/{id}/audit", get(handlers::audit))
         .route("/job/{id}/receipt", get(handlers::receipt))
         .route("/receipt-key", get(handlers::receipt_key))
+        .route("/nodes", get(handlers::nodes))
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)

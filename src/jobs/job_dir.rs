@@ -13,11 +13,18 @@ use super::BuildOptions;
 use crate::sandbox::{OUT_DIR, RUN_LOG, SPEC_FILE};
 
 /// The Dockerfile as submitted.
-const DOCKERFILE: &str = "Dockerfile";
+pub const DOCKERFILE: &str = "Dockerfile";
 /// Build args and target, as submitted.
-const BUILD_OPTIONS: &str = "build-options.json";
+pub const BUILD_OPTIONS: &str = "build-options.json";
 /// The build's progress log.
 const BUILD_LOG: &str = "build.log";
+
+/// The files a shared store keeps of a job: what the submission brought (any node may run it),
+/// then what its run left to show (any node may show them). Nothing else is ever written into a
+/// job directory from the store.
+pub const SUBMITTED: [&str; 2] = [DOCKERFILE, BUILD_OPTIONS];
+/// See [`SUBMITTED`].
+pub const RESULTS: [&str; 3] = [BUILD_LOG, RUN_LOG, SPEC_FILE];
 
 /// A job's directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +47,48 @@ impl JobDir {
         std::fs::write(self.0.join(DOCKERFILE), dockerfile)?;
         let options = serde_json::to_vec(options).map_err(std::io::Error::other)?;
         std::fs::write(self.0.join(BUILD_OPTIONS), options)
+    }
+
+    /// What a submission brings, as files (name, content).
+    pub fn submission(
+        dockerfile: &[u8],
+        options: &BuildOptions,
+    ) -> std::io::Result<[(&'static str, Vec<u8>); 2]> {
+        let options = serde_json::to_vec(options).map_err(std::io::Error::other)?;
+        Ok([(DOCKERFILE, dockerfile.to_vec()), (BUILD_OPTIONS, options)])
+    }
+
+    /// Write files kept in a shared store into the directory (creating it): only the names of
+    /// [`SUBMITTED`] and [`RESULTS`]; others are ignored.
+    pub fn restore(&self, files: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.0)?;
+        for (name, content) in files {
+            if SUBMITTED.contains(&name.as_str()) || RESULTS.contains(&name.as_str()) {
+                let tmp = self.0.join(format!(".{name}.restore"));
+                std::fs::write(&tmp, content)?;
+                std::fs::rename(&tmp, self.0.join(name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The files of [`RESULTS`] that exist, each at most `cap` bytes (its end, when longer:
+    /// the end of a log says why a job ended).
+    pub fn results(&self, cap: u64) -> Vec<(&'static str, Vec<u8>)> {
+        use std::io::{Read, Seek, SeekFrom};
+        RESULTS
+            .iter()
+            .filter_map(|name| {
+                let mut f = std::fs::File::open(self.0.join(name)).ok()?;
+                let len = f.metadata().ok()?.len();
+                if len > cap {
+                    f.seek(SeekFrom::Start(len - cap)).ok()?;
+                }
+                let mut buf = vec![];
+                f.take(cap).read_to_end(&mut buf).ok()?;
+                Some((*name, buf))
+            })
+            .collect()
     }
 
     /// The Dockerfile as submitted.

@@ -29,12 +29,14 @@ pub mod images;
 pub mod job_dir;
 pub mod metrics;
 pub mod outcome;
+pub mod pg_store;
 pub mod pipeline;
 pub mod receipt;
 pub mod runner;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod store_conformance;
 #[cfg(test)]
 mod tests;
 pub mod worker;

@@ -360,6 +360,7 @@ impl JobService {
         // What the build ran with is known now: visible while the job runs, not only at its end.
         let mut running = image.patch;
         running.build = build;
+        running.holder = self.holder(id);
         if let Err(e) = self.inner.store.transition(id, JobStatus::Running, running) {
             return ending(
                 JobStatus::Interrupted,
@@ -441,6 +442,7 @@ impl JobService {
             runtime: Some(prepared.runtime.to_string()),
             cgroup: Some(prepared.cgroup_version.to_owned()),
             limits: serde_json::to_value(&prepared.applied).ok(),
+            holder: self.holder(id),
             ..Patch::default()
         };
         self.inner
@@ -594,7 +596,7 @@ impl Drop for CgroupLease {
 
 impl Patch {
     /// This patch with `error` set.
-    fn with_error(mut self, error: String) -> Self {
+    pub(super) fn with_error(mut self, error: String) -> Self {
         self.error = Some(error);
         self
     }

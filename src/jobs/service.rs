@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::store::NewJob;
+use super::store::{Holder, NewJob, NodeInfo, Notice};
 use super::{
     BuildOptions, JobDir, JobError, JobId, JobRecord, JobStatus, Owner, Patch, Runner, Store,
     StoreError, images, metrics,
@@ -63,6 +63,11 @@ pub(super) struct Inner {
     /// This program, which measures what builds write (`perfbox measure-tree`).
     pub(super) exe: Option<PathBuf>,
     pub(super) active: Mutex<HashMap<JobId, Active>>,
+    /// Who holds each active job (this node, under the attempt its claim gave): every write
+    /// the worker makes for the job names it, so a lost job's late writes are refused.
+    pub(super) holders: Mutex<HashMap<JobId, Holder>>,
+    /// How long a claim holds without renewal.
+    pub(super) lease: Duration,
     pub(super) metrics: metrics::Metrics,
     pub(super) images: images::ImageCache,
     /// Signs result receipts.
@@ -155,6 +160,19 @@ impl JobService {
         if made {
             tracing::info!(key = %receipt_key.public()["key_id"], "made the receipt signing key");
         }
+        let lease_secs = cfg.lease_secs;
+        let node = NodeInfo {
+            name: instance.clone(),
+            url: cfg
+                .node_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", cfg.bind)),
+            capacity: cfg.max_concurrent_builds as i64,
+            pid: i64::from(std::process::id()),
+            started_at: super::store::now(),
+            heartbeat_at: super::store::now(),
+        };
+        store.register_node(&node)?;
         let inner = Arc::new(Inner {
             receipt_key,
             wake: Notify::new(),
@@ -170,34 +188,133 @@ impl JobService {
             runner,
             jobs_dir,
             active: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
+            lease: Duration::from_secs(lease_secs),
             metrics: metrics::Metrics::default(),
             images,
         });
         let svc = JobService { inner };
         svc.recover().await?;
+        if let Some(notices) = svc.inner.store.notices() {
+            tokio::spawn(svc.clone().follow_notices(notices));
+        }
         tokio::spawn(svc.clone().work());
         Ok(svc)
     }
 
-    /// Jobs this service held when it died, or whose lease ran out, are `interrupted` (their
-    /// containers, if still alive, killed and deleted).
-    async fn recover(&self) -> Result<(), JobError> {
-        let store = &self.inner.store;
-        for id in store.stale(&self.inner.instance)? {
-            let Some(rec) = store.get(id)? else { continue };
-            self.inner.runner.reap(self.job_dir(id).path()).await;
-            let patch = Patch {
-                error: Some(format!(
-                    "perfbox stopped while the job was {}; it did not finish",
-                    rec.status
-                )),
-                ..Default::default()
-            };
-            match store.transition(id, JobStatus::Interrupted, patch) {
-                Ok(_) => tracing::warn!(job = id, "marked interrupted after restart"),
-                Err(StoreError::IncorrectStatus { .. }) => {} // finished meanwhile
-                Err(e) => return Err(e.into()),
+    /// Act on what other nodes announce: work to claim, or a cancel of a job held here.
+    async fn follow_notices(self, mut notices: tokio::sync::broadcast::Receiver<Notice>) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match notices.recv().await {
+                Ok(Notice::Work) | Err(RecvError::Lagged(_)) => self.inner.wake.notify_one(),
+                Ok(Notice::Cancel(id)) => {
+                    let active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some((token, _)) = active.get(&id) {
+                        tracing::info!(job = id, "cancel asked for through another node");
+                        token.cancel();
+                    }
+                }
+                Err(RecvError::Closed) => return,
             }
+        }
+    }
+
+    /// The holder of an active job of this node.
+    pub(super) fn holder(&self, id: JobId) -> Option<Holder> {
+        self.inner
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// The nodes working from this store.
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, JobError> {
+        Ok(self.inner.store.nodes()?)
+    }
+
+    /// This node's name (its instance id) and how long its claims hold.
+    pub fn node(&self) -> (&str, Duration) {
+        (&self.inner.instance, self.inner.lease)
+    }
+
+    /// A job's directory here, with its kept files brought from a shared store when another
+    /// node ran it (its logs and spec are then readable here too).
+    pub(super) fn local_dir(&self, rec: &JobRecord) -> JobDir {
+        let dir = self.job_dir(rec.id);
+        let elsewhere = rec.claimed_by.as_deref() != Some(self.inner.instance.as_str());
+        if self.inner.store.shared() && elsewhere && rec.status.is_terminal() {
+            match self.inner.store.files(rec.id) {
+                Ok(files) => {
+                    if let Err(e) = dir.restore(&files) {
+                        tracing::warn!(job = rec.id, error = %e, "cannot restore the job's files here");
+                    }
+                }
+                Err(e) => tracing::warn!(job = rec.id, error = %e, "cannot read the job's files"),
+            }
+        }
+        dir
+    }
+
+    /// Jobs this service held when it died, and any whose lease ran out, are given up
+    /// ([`Self::give_up`]); their containers here, if still alive, are killed first.
+    async fn recover(&self) -> Result<(), JobError> {
+        for id in self.inner.store.stale(&self.inner.instance)? {
+            self.give_up(id).await?;
+        }
+        Ok(())
+    }
+
+    /// A building or running job nobody works on any more (its node stopped, or stopped
+    /// answering): queued again for another attempt where the store is shared and attempts
+    /// remain, else recorded `interrupted` with why. Fenced by the attempt: if another node
+    /// took it first, nothing happens.
+    pub(super) async fn give_up(&self, id: JobId) -> Result<(), JobError> {
+        let store = &self.inner.store;
+        let Some(rec) = store.get(id)? else {
+            return Ok(());
+        };
+        let mine = rec
+            .claimed_by
+            .as_deref()
+            .is_none_or(|n| n == self.inner.instance);
+        if mine {
+            self.inner.runner.reap(self.job_dir(id).path()).await;
+        }
+        let max = if store.shared() {
+            i64::from(self.inner.cfg.max_attempts)
+        } else {
+            1
+        };
+        let requeue = rec.attempt < max;
+        let why = match (&rec.claimed_by, mine) {
+            (Some(node), false) => format!(
+                "its node {node} stopped answering while the job was {} (attempt {} of {max}); it did not finish",
+                rec.status, rec.attempt
+            ),
+            _ if max > 1 => format!(
+                "perfbox stopped while the job was {} (attempt {} of {max}); it did not finish",
+                rec.status, rec.attempt
+            ),
+            _ => format!(
+                "perfbox stopped while the job was {}; it did not finish",
+                rec.status
+            ),
+        };
+        match store.give_up(id, rec.attempt, requeue, &why) {
+            Ok(r) if r.status == JobStatus::Queued => {
+                tracing::warn!(
+                    job = id,
+                    attempt = rec.attempt,
+                    "its node is gone: queued again"
+                );
+                self.inner.wake.notify_one();
+            }
+            Ok(r) => tracing::warn!(job = id, status = %r.status, "its node is gone: {why}"),
+            Err(StoreError::Fenced { .. } | StoreError::NotFound(_)) => {} // someone else did
+            Err(e) => return Err(e.into()),
         }
         Ok(())
     }
@@ -245,11 +362,16 @@ impl JobService {
         }
         let filename = sanitize_filename(filename);
         let sha = hex::encode(Sha256::digest(dockerfile));
+        let files = JobDir::submission(dockerfile, options)?;
+        let files = files
+            .each_ref()
+            .map(|(name, content)| (*name, content.as_slice()));
         let new = NewJob {
             filename: &filename,
             owner: owner.as_deref(),
             submitter,
             dockerfile_sha256: &sha,
+            files: &files,
         };
         // The job's directory is written before the job is visible to any worker; if that fails
         // there is no job.
@@ -292,16 +414,16 @@ impl JobService {
 
     /// The OCI spec the job ran with (its config.json, verbatim).
     pub fn spec(&self, id: JobId, owner: &Owner) -> Result<serde_json::Value, JobError> {
-        self.get(id, owner)?;
-        let text =
-            std::fs::read_to_string(self.job_dir(id).spec()).map_err(|_| JobError::NoSpec(id))?;
+        let rec = self.get(id, owner)?;
+        let text = std::fs::read_to_string(self.local_dir(&rec).spec())
+            .map_err(|_| JobError::NoSpec(id))?;
         serde_json::from_str(&text).map_err(|_| JobError::NoSpec(id))
     }
 
     /// Check a job against every audit rule ([`super::audit`]).
     pub fn audit(&self, id: JobId, owner: &Owner) -> Result<super::audit::JobAudit, JobError> {
         let rec = self.get(id, owner)?;
-        let dir = self.job_dir(id);
+        let dir = self.local_dir(&rec);
         let seccomp_digest = self.inner.runner.seccomp_digest();
         Ok(super::audit::audit_job(
             &rec,
@@ -335,8 +457,8 @@ impl JobService {
 
     /// The log files of a job, build first.
     pub fn log_paths(&self, id: JobId, owner: &Owner) -> Result<[PathBuf; 2], JobError> {
-        self.get(id, owner)?;
-        let dir = self.job_dir(id);
+        let rec = self.get(id, owner)?;
+        let dir = self.local_dir(&rec);
         Ok([dir.build_log(), dir.run_log()])
     }
 
@@ -364,6 +486,12 @@ impl JobService {
                 let _ = tokio::time::timeout(Duration::from_secs(30), done.wait_for(|d| *d)).await;
                 return self.get(id, owner);
             }
+            if rec.status != JobStatus::Queued
+                && self.inner.store.shared()
+                && rec.claimed_by.as_deref() != Some(self.inner.instance.as_str())
+            {
+                return self.cancel_elsewhere(id, owner).await;
+            }
             if rec.status == JobStatus::Queued {
                 let patch = Patch {
                     error: Some("cancelled by request before it started".into()),
@@ -386,6 +514,21 @@ impl JobService {
             .inner
             .store
             .transition(id, JobStatus::Cancelled, patch)?)
+    }
+
+    /// Cancel a job another node works on: ask its holder (through the store) and wait for
+    /// the job to end; a holder that does not answer within two leases loses the job to
+    /// [`Self::give_up`], which ends it `cancelled` too.
+    async fn cancel_elsewhere(&self, id: JobId, owner: &Owner) -> Result<JobRecord, JobError> {
+        self.inner.store.request_cancel(id)?;
+        let deadline = tokio::time::Instant::now() + self.inner.lease * 2;
+        loop {
+            let rec = self.get(id, owner)?;
+            if rec.status.is_terminal() || tokio::time::Instant::now() > deadline {
+                return Ok(rec);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Prometheus text.

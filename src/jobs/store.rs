@@ -91,10 +91,17 @@ pub struct JobRecord {
     pub spec_sha256: Option<String>,
     /// The OCI runtime's version (`--version`, first line).
     pub runtime_version: Option<String>,
+    /// How many times a node claimed the job (a job whose node died is queued again, up to
+    /// `max_attempts`). Writes by a worker are fenced by it: see [`Holder`].
+    #[serde(default)]
+    pub attempt: i64,
+    /// The node (perfbox process, by instance id) that claimed it last.
+    #[serde(rename = "node")]
+    pub claimed_by: Option<String>,
 }
 
 /// The columns of a record (what every query selects, in this order).
-const NAMES: [&str; 25] = [
+const NAMES: [&str; 27] = [
     "id",
     "filename",
     "owner",
@@ -120,14 +127,17 @@ const NAMES: [&str; 25] = [
     "submitter",
     "spec_sha256",
     "runtime_version",
+    "attempt",
+    "claimed_by",
 ];
 
 /// [`NAMES`], comma-separated, for `SELECT`.
-static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| NAMES.join(", "));
+pub(super) static COLUMNS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| NAMES.join(", "));
 
 /// The position of column `name` in [`NAMES`], found at compile time (a row is read by index:
 /// looking a column up by name walks the statement's column names for every field).
-const fn col(name: &str) -> usize {
+pub(super) const fn col(name: &str) -> usize {
     let mut i = 0;
     while i < NAMES.len() {
         let (a, b) = (NAMES[i].as_bytes(), name.as_bytes());
@@ -182,6 +192,8 @@ impl JobRecord {
             submitter: r.get(const { col("submitter") })?,
             spec_sha256: r.get(const { col("spec_sha256") })?,
             runtime_version: r.get(const { col("runtime_version") })?,
+            attempt: r.get(const { col("attempt") })?,
+            claimed_by: r.get(const { col("claimed_by") })?,
         })
     }
 
@@ -222,11 +234,34 @@ pub struct Patch {
     pub spec_sha256: Option<String>,
     /// runtime_version
     pub runtime_version: Option<String>,
+    /// Not a field: when set, the write happens only if this node still holds the job under
+    /// this attempt (fencing: a node that lost its lease, and whose job was queued again and
+    /// claimed by another, cannot write over the new attempt).
+    pub holder: Option<Holder>,
+}
+
+/// Who works on a claimed job: the node and the attempt number its claim gave the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The node's instance id.
+    pub node: String,
+    /// The job's attempt number under that claim.
+    pub attempt: i64,
+}
+
+impl Holder {
+    /// The holder a claimed record names.
+    pub fn of(rec: &JobRecord) -> Option<Self> {
+        Some(Holder {
+            node: rec.claimed_by.clone()?,
+            attempt: rec.attempt,
+        })
+    }
 }
 
 impl Patch {
     /// The columns this patch sets, with their values.
-    fn assignments(&self) -> Vec<(&'static str, Value)> {
+    pub(super) fn assignments(&self) -> Vec<(&'static str, Value)> {
         let text = |v: &Option<String>| v.clone().map(Value::Text);
         let json = |v: &Option<serde_json::Value>| v.as_ref().map(|j| Value::Text(j.to_string()));
         [
@@ -265,6 +300,36 @@ pub struct NewJob<'a> {
     pub submitter: &'a str,
     /// sha256 of the Dockerfile.
     pub dockerfile_sha256: &'a str,
+    /// The submission's files (name, content), for a store that other nodes share: they run
+    /// the job from these ([`Store::files`]). A store of one node ignores them (`prepare` put
+    /// them in the job's directory).
+    pub files: &'a [(&'a str, &'a [u8])],
+}
+
+/// A perfbox process working from the store.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    /// Instance id.
+    pub name: String,
+    /// Where its API answers.
+    pub url: String,
+    /// Build slots.
+    pub capacity: i64,
+    /// Its process id (on its own machine).
+    pub pid: i64,
+    /// Unix time it (re)started.
+    pub started_at: f64,
+    /// Unix time of its last heartbeat (every lease renewal).
+    pub heartbeat_at: f64,
+}
+
+/// What a shared store tells every node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A job may be claimable: one was queued, or a slot or an owner's share freed.
+    Work,
+    /// Someone asked to cancel this job (its holder stops it).
+    Cancel(JobId),
 }
 
 /// What a worker asks for when it claims a job.
@@ -305,6 +370,29 @@ pub enum StoreError {
     /// Putting a new job's files in place failed; it was not recorded.
     #[error("cannot store the job's files: {0}")]
     Prepare(std::io::Error),
+    /// PostgreSQL failed (or could not be reached).
+    #[error("job database (PostgreSQL): {0}")]
+    Postgres(String),
+    /// The writer no longer holds the job (its lease ran out and the job was queued again).
+    #[error("job {id}: node {node} no longer holds attempt {attempt}; nothing written")]
+    Fenced {
+        /// Job.
+        id: JobId,
+        /// The writer.
+        node: String,
+        /// Its attempt.
+        attempt: i64,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same write later may succeed (the database was unreachable), as
+    /// opposed to a verdict on the write itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Postgres(_))
+            || matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy)
+    }
 }
 
 /// What the job service needs of a database. Every method is one transaction.
@@ -348,11 +436,51 @@ pub trait Store: Send + Sync {
     fn claim(&self, claim: &Claim<'_>) -> Result<Option<JobRecord>, StoreError>;
     /// The build of `id` is over (the job now waits for a run slot): its build slot is free.
     fn release_build_slot(&self, id: JobId) -> Result<(), StoreError>;
-    /// Extend the leases of the jobs `node` holds.
-    fn renew(&self, node: &str, lease: Duration) -> Result<(), StoreError>;
+    /// Extend the leases of `jobs` (those `node` works on) and `node`'s heartbeat. Returns
+    /// the ones `node` still holds: a job missing from the answer was taken from it.
+    fn renew(&self, node: &str, jobs: &[JobId], lease: Duration) -> Result<Vec<JobId>, StoreError>;
     /// Building or running jobs that nobody works on any more: those `node` held before it
-    /// (re)started, and those whose lease ran out. Oldest first.
+    /// (re)started, and those whose lease ran out (`node` = "" for these only). Oldest first.
     fn stale(&self, node: &str) -> Result<Vec<JobId>, StoreError>;
+    /// A stale job (see [`Self::stale`]) under `attempt`: queue it again (`requeue`), or record
+    /// it `interrupted` with `why` — `cancelled` instead if a cancel was asked for. Fenced by
+    /// `attempt`: if another node claimed it meanwhile, [`StoreError::Fenced`].
+    fn give_up(
+        &self,
+        id: JobId,
+        attempt: i64,
+        requeue: bool,
+        why: &str,
+    ) -> Result<JobRecord, StoreError>;
+    /// Whether other nodes may share this store (then job files live in it too).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Keep files of a job in the store (a shared store's nodes read them from there), fenced
+    /// by `holder` when given. A store of one node keeps nothing: the files are in the job's
+    /// directory.
+    fn put_files(
+        &self,
+        _id: JobId,
+        _holder: Option<&Holder>,
+        _files: &[(&str, &[u8])],
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The files kept for a job ([`Self::put_files`] and the submission's).
+    fn files(&self, _id: JobId) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(vec![])
+    }
+    /// Record (or refresh) a node.
+    fn register_node(&self, node: &NodeInfo) -> Result<(), StoreError>;
+    /// The nodes known, by name.
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+    /// Ask the holder of a building or running job to cancel it ([`Notice::Cancel`]).
+    fn request_cancel(&self, id: JobId) -> Result<(), StoreError>;
+    /// Notices from other nodes, if the store carries any.
+    fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
+        None
+    }
 }
 
 /// Seconds since the epoch.
@@ -413,6 +541,19 @@ const MIGRATIONS: &[Migration] = &[
     // 6: what audits and receipts rest on: the spec's digest and the runtime's version.
     Migration::AddColumn("spec_sha256", "TEXT"),
     Migration::AddColumn("runtime_version", "TEXT"),
+    // 7: attempts (a job whose node died may run again), cancel requests, and nodes.
+    Migration::AddColumn("attempt", "INTEGER NOT NULL DEFAULT 0"),
+    Migration::AddColumn("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
+    Migration::Sql(
+        "CREATE TABLE IF NOT EXISTS nodes (
+            name TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            capacity INTEGER NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        )",
+    ),
 ];
 
 /// The embedded store: one SQLite file.
@@ -571,10 +712,23 @@ impl Store for SqliteStore {
     fn transition(&self, id: JobId, to: JobStatus, patch: Patch) -> Result<JobRecord, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let from: Option<String> = tx
-            .query_row("SELECT status FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+        let now_held: Option<(String, Option<String>, i64)> = tx
+            .query_row(
+                "SELECT status, claimed_by, attempt FROM jobs WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()?;
-        let from = from.ok_or(StoreError::NotFound(id))?;
+        let (from, node, attempt) = now_held.ok_or(StoreError::NotFound(id))?;
+        if let Some(h) = &patch.holder
+            && (node.as_deref() != Some(h.node.as_str()) || attempt != h.attempt)
+        {
+            return Err(StoreError::Fenced {
+                id,
+                node: h.node.clone(),
+                attempt: h.attempt,
+            });
+        }
         let from = JobStatus::parse(&from).unwrap_or(JobStatus::Interrupted);
         if !from.can_transition_to(to) {
             return Err(StoreError::IncorrectStatus { id, from, to });
@@ -625,17 +779,42 @@ impl Store for SqliteStore {
             .map(|(i, (column, _))| format!("{column} = ?{}", i + 3))
             .collect();
         let mut values = vec![Value::Integer(id), Value::Text(status.as_str().into())];
+        let n = values.len() + sets.len();
         values.extend(sets.into_iter().map(|(_, v)| v));
+        let mut fence = String::new();
+        if let Some(h) = &patch.holder {
+            fence = format!(" AND claimed_by = ?{} AND attempt = ?{}", n + 1, n + 2);
+            values.push(Value::Text(h.node.clone()));
+            values.push(Value::Integer(h.attempt));
+        }
         let conn = self.lock();
         let changed = conn.execute(
             &format!(
-                "UPDATE jobs SET {} WHERE id = ?1 AND status = ?2",
+                "UPDATE jobs SET {} WHERE id = ?1 AND status = ?2{fence}",
                 assign.join(", ")
             ),
             rusqlite::params_from_iter(values),
         )?;
         if changed == 1 {
             return Ok(());
+        }
+        if let Some(h) = patch.holder {
+            let held: Option<(String, Option<String>, i64)> = conn
+                .query_row(
+                    "SELECT status, claimed_by, attempt FROM jobs WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((_, node, attempt)) = held
+                && (node.as_deref() != Some(h.node.as_str()) || attempt != h.attempt)
+            {
+                return Err(StoreError::Fenced {
+                    id,
+                    node: h.node,
+                    attempt: h.attempt,
+                });
+            }
         }
         let now: Option<String> = conn
             .query_row("SELECT status FROM jobs WHERE id = ?1", [id], |r| r.get(0))
@@ -671,7 +850,7 @@ impl Store for SqliteStore {
         };
         tx.execute(
             "UPDATE jobs SET status = 'building', build_started_at = ?2, slot = 'build',
-                    claimed_by = ?3, lease_until = ?4
+                    claimed_by = ?3, lease_until = ?4, attempt = attempt + 1
              WHERE id = ?1 AND status = 'queued'",
             params![id, t, claim.node, t + claim.lease.as_secs_f64()],
         )?;
@@ -689,14 +868,27 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn renew(&self, node: &str, lease: Duration) -> Result<(), StoreError> {
-        let conn = self.lock();
-        conn.execute(
-            "UPDATE jobs SET lease_until = ?2
-             WHERE claimed_by = ?1 AND status IN ('building', 'running')",
-            params![node, now() + lease.as_secs_f64()],
+    fn renew(&self, node: &str, jobs: &[JobId], lease: Duration) -> Result<Vec<JobId>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let t = now();
+        tx.execute(
+            "UPDATE nodes SET heartbeat_at = ?2 WHERE name = ?1",
+            params![node, t],
         )?;
-        Ok(())
+        let mut held = vec![];
+        for &id in jobs {
+            let n = tx.execute(
+                "UPDATE jobs SET lease_until = ?3
+                 WHERE id = ?1 AND claimed_by = ?2 AND status IN ('building', 'running')",
+                params![id, node, t + lease.as_secs_f64()],
+            )?;
+            if n == 1 {
+                held.push(id);
+            }
+        }
+        tx.commit()?;
+        Ok(held)
     }
 
     fn stale(&self, node: &str) -> Result<Vec<JobId>, StoreError> {
@@ -709,197 +901,138 @@ impl Store for SqliteStore {
         let rows = stmt.query_map(params![node, now()], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    fn give_up(
+        &self,
+        id: JobId,
+        attempt: i64,
+        requeue: bool,
+        why: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let t = now();
+        let n = tx.execute(
+            "UPDATE jobs SET
+                status = CASE WHEN cancel_requested <> 0 THEN 'cancelled'
+                              WHEN ?3 THEN 'queued' ELSE 'interrupted' END,
+                error = CASE WHEN cancel_requested <> 0 THEN 'cancelled by request; its node stopped'
+                             WHEN ?3 THEN NULL ELSE ?4 END,
+                finished_at = CASE WHEN cancel_requested <> 0 OR NOT ?3 THEN ?5 END,
+                build_finished_at = CASE WHEN status = 'building' THEN ?5 ELSE build_finished_at END,
+                claimed_by = CASE WHEN cancel_requested = 0 AND ?3 THEN NULL ELSE claimed_by END,
+                slot = NULL, lease_until = NULL
+             WHERE id = ?1 AND attempt = ?2 AND status IN ('building', 'running')",
+            params![id, attempt, requeue, why, t],
+        )?;
+        if n == 0 {
+            let held: Option<(String, Option<String>)> = tx
+                .query_row(
+                    "SELECT status, claimed_by FROM jobs WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let (_, node) = held.ok_or(StoreError::NotFound(id))?;
+            return Err(StoreError::Fenced {
+                id,
+                node: node.unwrap_or_default(),
+                attempt,
+            });
+        }
+        let rec = select_one(&tx, id)?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    fn register_node(&self, node: &NodeInfo) -> Result<(), StoreError> {
+        self.lock().execute(
+            "INSERT INTO nodes (name, url, capacity, pid, started_at, heartbeat_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(name) DO UPDATE SET url = ?2, capacity = ?3, pid = ?4,
+                started_at = ?5, heartbeat_at = ?6",
+            params![
+                node.name,
+                node.url,
+                node.capacity,
+                node.pid,
+                node.started_at,
+                node.heartbeat_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, url, capacity, pid, started_at, heartbeat_at FROM nodes ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(NodeInfo {
+                name: r.get(0)?,
+                url: r.get(1)?,
+                capacity: r.get(2)?,
+                pid: r.get(3)?,
+                started_at: r.get(4)?,
+                heartbeat_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn request_cancel(&self, id: JobId) -> Result<(), StoreError> {
+        self.lock()
+            .execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1", [id])?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn job<'a>(owner: Option<&'a str>, submitter: &'a str) -> NewJob<'a> {
-        NewJob {
-            filename: "a.Dockerfile",
-            owner,
-            submitter,
-            dockerfile_sha256: "abc",
-        }
-    }
-
-    fn ok(_: JobId) -> std::io::Result<()> {
-        Ok(())
-    }
-
     #[test]
-    fn a_failed_prepare_records_nothing() {
-        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
-        let mut fail = |_| Err(std::io::Error::other("disk full"));
-        assert!(matches!(
-            store.insert(&job(None, "a"), 10, &mut fail),
-            Err(StoreError::Prepare(_))
-        ));
-        assert_eq!(store.count(None).unwrap(), 0);
-        let mut seen = None;
-        let rec = store
-            .insert(&job(None, "a"), 10, &mut |id| {
-                seen = Some(id);
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(seen, Some(rec.id));
-    }
-
-    fn claim(node: &str, slots: usize, per_owner: usize) -> Claim<'_> {
-        Claim {
-            node,
-            build_slots: slots,
-            per_owner,
-            lease: Duration::from_secs(60),
+    fn conforms() {
+        let dirs = Mutex::new(vec![]);
+        let new = || -> Box<dyn Store> {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(&dir.path().join("jobs.db")).unwrap();
+            dirs.lock().unwrap().push(dir);
+            Box::new(store)
+        };
+        for (name, test) in super::super::store_conformance::ALL {
+            eprintln!("conformance: {name}");
+            test(&new);
         }
     }
 
     #[test]
-    fn lifecycle_persists_and_guards_transitions() {
+    fn a_reopened_database_keeps_results_and_ids() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
-        let store = SqliteStore::open(&path).unwrap();
-        let a = store
-            .insert(&job(None, "addr:127.0.0.1"), 10, &mut ok)
-            .unwrap();
-        let b = store
-            .insert(&job(Some("alice"), "alice"), 10, &mut ok)
-            .unwrap();
-        assert_eq!(b.submitter.as_deref(), Some("alice"));
-        assert_eq!((a.id, b.id, a.status), (1, 2, JobStatus::Queued));
-        assert_eq!(store.queue_position(b.id).unwrap(), 1);
-        assert_eq!(store.queue_depth().unwrap(), 2);
-        let claimed = store.claim(&claim("n1", 2, 2)).unwrap().unwrap();
-        assert_eq!((claimed.id, claimed.status), (a.id, JobStatus::Building));
-        assert!(claimed.build_started_at.is_some());
-        let r = store
-            .transition(
-                a.id,
-                JobStatus::Running,
-                Patch {
-                    image_digest: Some("sha256:x".into()),
-                    build: Some(serde_json::json!({"scope": "job-1"})),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        assert!(r.build_finished_at.is_some() && r.run_started_at.is_some());
-        assert_eq!(r.build_json(), Some(serde_json::json!({"scope": "job-1"})));
-        let done = store
-            .transition(
-                a.id,
-                JobStatus::Succeeded,
-                Patch {
-                    perf: Some(0.5),
-                    exit_code: Some(0),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        assert_eq!(done.perf, Some(0.5));
-        assert_eq!(done.image_digest.as_deref(), Some("sha256:x"), "kept");
-        assert!(done.finished_at.is_some());
-        assert!(matches!(
-            store.transition(a.id, JobStatus::Cancelled, Patch::default()),
-            Err(StoreError::IncorrectStatus {
-                from: JobStatus::Succeeded,
-                ..
-            })
-        ));
-        assert!(matches!(
-            store.transition(99, JobStatus::Cancelled, Patch::default()),
-            Err(StoreError::NotFound(99))
-        ));
-        drop(store);
-        // Reopened: results are still there, ids continue, the queue is where it was.
-        let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.get(a.id).unwrap().unwrap().perf, Some(0.5));
-        assert_eq!(store.list(Some("alice"), None, 10).unwrap().len(), 1);
-        assert_eq!(store.list(None, None, 10).unwrap().len(), 2);
-        assert_eq!(store.count(Some("alice")).unwrap(), 1);
-        assert_eq!(store.insert(&job(None, "x"), 10, &mut ok).unwrap().id, 3);
-        assert_eq!(store.queue_depth().unwrap(), 2);
-        assert_eq!(store.claim(&claim("n1", 2, 2)).unwrap().unwrap().id, 2);
-    }
-
-    #[test]
-    fn a_full_queue_refuses_inserts() {
-        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
-        store.insert(&job(None, "a"), 2, &mut ok).unwrap();
-        store.insert(&job(None, "a"), 2, &mut ok).unwrap();
-        assert!(matches!(
-            store.insert(&job(None, "a"), 2, &mut ok),
-            Err(StoreError::QueueFull(2))
-        ));
-        assert_eq!(store.count(None).unwrap(), 2);
-    }
-
-    #[test]
-    fn claims_respect_slots_and_owner_shares_fifo_otherwise() {
-        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
-        for who in ["slow", "slow", "slow", "other"] {
-            store.insert(&job(Some(who), who), 10, &mut ok).unwrap();
-        }
-        let next = |slots, per_owner| {
-            store
-                .claim(&claim("n1", slots, per_owner))
-                .unwrap()
-                .map(|r| r.id)
+        let ok = |_| Ok(());
+        let job = NewJob {
+            filename: "a.Dockerfile",
+            owner: None,
+            submitter: "a",
+            dockerfile_sha256: "abc",
+            files: &[],
         };
-        assert_eq!(next(2, 1), Some(1));
-        // Job 2 is older, but its owner holds its share: job 4 takes the other slot.
-        assert_eq!(next(2, 1), Some(4));
-        assert_eq!(next(2, 1), None, "both slots are taken");
-        // Job 4's build is over (it waits to run): its slot is free, but only "slow" waits.
-        store.release_build_slot(4).unwrap();
-        assert_eq!(
-            next(2, 1),
-            None,
-            "the free slot stays free rather than go to slow"
-        );
+        let store = SqliteStore::open(&path).unwrap();
+        let a = store.insert(&job, 10, &mut { ok }).unwrap();
+        store.insert(&job, 10, &mut { ok }).unwrap();
         store
-            .insert(&job(Some("third"), "third"), 10, &mut ok)
+            .transition(a.id, JobStatus::Cancelled, Patch::default())
             .unwrap();
-        assert_eq!(next(2, 1), Some(5));
-        // Another node has slots of its own; the owner's share counts over all nodes.
-        assert_eq!(store.claim(&claim("n2", 2, 1)).unwrap().map(|r| r.id), None);
-        store
-            .transition(1, JobStatus::BuildFailed, Patch::default())
-            .unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
         assert_eq!(
-            store.claim(&claim("n2", 2, 1)).unwrap().map(|r| r.id),
-            Some(2)
+            store.get(a.id).unwrap().unwrap().status,
+            JobStatus::Cancelled
         );
-        // A cancelled queued job is never claimed.
-        store
-            .transition(3, JobStatus::Cancelled, Patch::default())
-            .unwrap();
-        assert_eq!(next(3, 3), None);
-    }
-
-    #[test]
-    fn stale_jobs_are_the_restarted_nodes_and_the_expired_leases() {
-        let store = SqliteStore::open(&tempfile::tempdir().unwrap().path().join("j.db")).unwrap();
-        for _ in 0..3 {
-            store.insert(&job(None, "a"), 10, &mut ok).unwrap();
-        }
-        let mut short = claim("n1", 3, 3);
-        store.claim(&short).unwrap();
-        short.node = "n2";
-        store.claim(&short).unwrap();
-        short.lease = Duration::ZERO;
-        short.node = "n3";
-        store.claim(&short).unwrap();
-        assert_eq!(
-            store.stale("n1").unwrap(),
-            vec![1, 3],
-            "n1's own and n3's expired one"
-        );
-        store.renew("n3", Duration::from_secs(60)).unwrap();
-        assert_eq!(store.stale("n1").unwrap(), vec![1]);
-        assert_eq!(store.stale("nobody").unwrap(), Vec::<JobId>::new());
+        assert_eq!(store.insert(&job, 10, &mut { ok }).unwrap().id, 3);
+        assert_eq!(store.queue_depth().unwrap(), 2);
     }
 
     #[test]

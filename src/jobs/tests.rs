@@ -291,6 +291,7 @@ async fn a_restart_interrupts_what_the_service_held_and_keeps_the_rest() {
             owner: None,
             submitter: "anyone",
             dockerfile_sha256: "x",
+            files: &[],
         };
         let mut prepare = |id: JobId| {
             let dir = JobDir::new(cfg.state_dir.join("jobs").join(id.to_string()));

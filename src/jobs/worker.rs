@@ -4,18 +4,22 @@
 //! Claims come from the store ([`super::Store::claim`]: FIFO, at most `max_concurrent_builds` of
 //! this service's and `max_builds_per_owner` of one owner's at once). The worker claims when it is
 //! woken (a submission, a freed build slot) and at least every second, so jobs queued by another
-//! process sharing the store are found too. While it holds jobs it renews their leases.
+//! process sharing the store are found too. While it holds jobs it renews their leases; a job
+//! whose lease it lost (another node took it: see [`super::Store::give_up`]) is stopped here,
+//! and its late writes are refused by the store. It also gives up other nodes' jobs whose
+//! leases ran out, so a dead node's jobs go back to the queue.
+//!
+//! With a shared store the job's submitted files come from the store before the build, and its
+//! logs and spec go back to it before its end is recorded (any node can show them).
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::service::JobService;
-use super::store::Claim;
+use super::store::{Claim, Holder};
 use super::{JobRecord, JobStatus};
 
-/// How long a claim holds without renewal; renewed every third of it.
-pub const LEASE: Duration = Duration::from_secs(60);
 /// How often the worker looks for work when nothing woke it.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -30,11 +34,11 @@ impl JobService {
                     node: &self.inner.instance,
                     build_slots: cfg.max_concurrent_builds,
                     per_owner: cfg.build.max_builds_per_owner,
-                    lease: LEASE,
+                    lease: self.inner.lease,
                 };
                 match self.inner.store.claim(&claim) {
                     Ok(Some(rec)) => {
-                        let active = self.register(rec.id);
+                        let active = self.register(&rec);
                         tokio::spawn(self.clone().process(rec, active));
                     }
                     Ok(None) => break,
@@ -48,19 +52,62 @@ impl JobService {
         }
     }
 
-    /// Keep this service's claims alive.
+    /// Keep this service's claims alive, stop work on jobs it lost, and give up jobs whose
+    /// node stopped renewing.
     async fn renew_leases(self) {
         loop {
-            tokio::time::sleep(LEASE / 3).await;
-            if let Err(e) = self.inner.store.renew(&self.inner.instance, LEASE) {
-                tracing::error!(error = %e, "cannot renew job leases");
+            tokio::time::sleep(self.inner.lease / 3).await;
+            let mine: Vec<super::JobId> = self
+                .inner
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .collect();
+            match self
+                .inner
+                .store
+                .renew(&self.inner.instance, &mine, self.inner.lease)
+            {
+                Ok(held) => {
+                    let active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+                    for id in mine.iter().filter(|id| !held.contains(id)) {
+                        if let Some((token, _)) = active.get(id) {
+                            tracing::warn!(
+                                job = id,
+                                "lost this job's lease to another node: stopping it here"
+                            );
+                            token.cancel();
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot renew job leases"),
+            }
+            match self.inner.store.stale("") {
+                Ok(ids) => {
+                    for id in ids {
+                        if let Err(e) = self.give_up(id).await {
+                            tracing::error!(job = id, error = %e, "cannot give up a stale job");
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot look for stale jobs"),
             }
         }
     }
 
     /// Register a claimed job as running work that a DELETE can cancel. Done before the job
     /// leaves the worker loop, so that a cancel finds either `queued` or this entry.
-    fn register(&self, id: super::JobId) -> Active {
+    fn register(&self, rec: &JobRecord) -> Active {
+        let id = rec.id;
+        if let Some(h) = Holder::of(rec) {
+            self.inner
+                .holders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, h);
+        }
         let token = CancellationToken::new();
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         self.inner
@@ -79,14 +126,78 @@ impl JobService {
     /// One claimed job, from `building` to its recorded end.
     async fn process(self, rec: JobRecord, active: Active) {
         let id = rec.id;
-        let (status, patch) = self.pipeline(&rec, &active.token).await;
-        if let Err(e) = self.inner.store.transition(id, status, patch) {
-            tracing::error!(job = id, error = %e, "could not record the job's end");
-        }
-        tracing::info!(job = id, status = %status, "job finished");
+        let holder = self.holder(id);
+        let (status, mut patch) = match self.fetch_submission(&rec) {
+            Ok(()) => self.pipeline(&rec, &active.token).await,
+            Err(e) => (
+                JobStatus::Interrupted,
+                super::Patch::default()
+                    .with_error(format!("cannot bring the job's files from the store: {e}")),
+            ),
+        };
+        patch.holder = holder.clone();
+        self.record_end(id, status, patch, holder.as_ref()).await;
         drop(active);
         // Its build slot (if it still held it) is free.
         self.inner.wake.notify_one();
+    }
+
+    /// With a shared store, a job claimed here may have been submitted elsewhere: its
+    /// Dockerfile and options come from the store.
+    fn fetch_submission(&self, rec: &JobRecord) -> Result<(), super::StoreError> {
+        let dir = self.job_dir(rec.id);
+        if !self.inner.store.shared() || dir.dockerfile().is_ok() {
+            return Ok(());
+        }
+        let files = self.inner.store.files(rec.id)?;
+        dir.restore(&files).map_err(super::StoreError::Prepare)
+    }
+
+    /// Record a job's end (with a shared store, its logs and spec first), retrying while the
+    /// database is unreachable; a refused write (this node lost the job, or it was cancelled
+    /// meanwhile) is logged, never retried.
+    async fn record_end(
+        &self,
+        id: super::JobId,
+        status: JobStatus,
+        patch: super::Patch,
+        holder: Option<&Holder>,
+    ) {
+        let store = &self.inner.store;
+        let cap = self.inner.cfg.limits.log_bytes.max(1 << 20);
+        let results = if store.shared() {
+            self.job_dir(id).results(cap)
+        } else {
+            vec![]
+        };
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..40 {
+            let kept: Vec<(&str, &[u8])> =
+                results.iter().map(|(n, c)| (*n, c.as_slice())).collect();
+            let written = match store.put_files(id, holder, &kept) {
+                Ok(()) => store.transition(id, status, patch.clone()).map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => {
+                    tracing::info!(job = id, status = %status, "job finished");
+                    return;
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(job = id, error = %e, "cannot record the job's end yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::warn!(job = id, error = %e, status = %status, "the job's end was not recorded");
+                    return;
+                }
+            }
+        }
+        tracing::error!(
+            job = id,
+            "could not record the job's end: the database stayed unreachable"
+        );
     }
 
     /// The build of a claimed job is over: its build slot goes to the next job.
@@ -109,6 +220,12 @@ pub(super) struct Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
+        self.svc
+            .inner
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
         self.svc
             .inner
             .active
