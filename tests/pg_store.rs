@@ -16,6 +16,9 @@ use perfbox::jobs::pg_store::PgStore;
 use perfbox::jobs::store::{Claim, NewJob, Notice, Patch, Store};
 use perfbox::jobs::store_conformance;
 
+/// A trial's body.
+type Body = fn() -> Result<(), Failed>;
+
 static SERVER: OnceLock<Result<Postgres, String>> = OnceLock::new();
 static DBS: AtomicUsize = AtomicUsize::new(0);
 
@@ -174,7 +177,7 @@ fn main() {
     let args = Arguments::from_args();
     let started = SERVER.get_or_init(|| Postgres::start("pg-store"));
     let mut trials = vec![];
-    let extra: [(&str, fn() -> Result<(), Failed>); 3] = [
+    let extra: [(&str, Body); 3] = [
         ("notices_reach_other_nodes", notices_reach_other_nodes),
         (
             "a_restarted_server_loses_nothing",
