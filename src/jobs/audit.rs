@@ -273,9 +273,16 @@ pub fn audit_job(rec: &JobRecord, basis: &AuditBasis<'_>) -> JobAudit {
                     .limits
                     .as_ref()
                     .and_then(|l| serde_json::from_str(l.get()).ok());
-                let out_dir = std::path::absolute(basis.job_dir)
-                    .unwrap_or_else(|_| basis.job_dir.to_path_buf())
-                    .join(crate::sandbox::OUT_DIR);
+                // Where the job ran (another node's directory, in a cluster), else here.
+                let ran_in = rec
+                    .run_dir
+                    .as_ref()
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| {
+                        std::path::absolute(basis.job_dir)
+                            .unwrap_or_else(|_| basis.job_dir.to_path_buf())
+                    });
+                let out_dir = ran_in.join(crate::sandbox::OUT_DIR);
                 findings.extend(audit_spec(
                     &spec,
                     &Expect {

@@ -77,6 +77,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempt BIGINT NOT NULL DEFAULT 0,
     cancel_requested BOOLEAN NOT NULL DEFAULT false
 );
+-- Columns added after the first schema: ADD COLUMN IF NOT EXISTS, one per line, in order.
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS run_dir TEXT;
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (id) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, id);
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (claimed_by) WHERE status IN ('building', 'running');
@@ -348,6 +350,7 @@ fn record(r: &Row) -> JobRecord {
         runtime_version: r.get(const { col("runtime_version") }),
         attempt: r.get(const { col("attempt") }),
         claimed_by: r.get(const { col("claimed_by") }),
+        run_dir: r.get(const { col("run_dir") }),
     }
 }
 

@@ -442,6 +442,9 @@ impl JobService {
             runtime: Some(prepared.runtime.to_string()),
             cgroup: Some(prepared.cgroup_version.to_owned()),
             limits: serde_json::to_value(&prepared.applied).ok(),
+            run_dir: std::path::absolute(dir.path())
+                .ok()
+                .map(|p| p.display().to_string()),
             holder: self.holder(id),
             ..Patch::default()
         };

@@ -98,10 +98,13 @@ pub struct JobRecord {
     /// The node (perfbox process, by instance id) that claimed it last.
     #[serde(rename = "node")]
     pub claimed_by: Option<String>,
+    /// The job's directory on the node that ran it (its `out/` is the run's `/data`): what
+    /// an audit on any node checks the spec's one bind mount against.
+    pub run_dir: Option<String>,
 }
 
 /// The columns of a record (what every query selects, in this order).
-const NAMES: [&str; 27] = [
+const NAMES: [&str; 28] = [
     "id",
     "filename",
     "owner",
@@ -129,6 +132,7 @@ const NAMES: [&str; 27] = [
     "runtime_version",
     "attempt",
     "claimed_by",
+    "run_dir",
 ];
 
 /// [`NAMES`], comma-separated, for `SELECT`.
@@ -194,6 +198,7 @@ impl JobRecord {
             runtime_version: r.get(const { col("runtime_version") })?,
             attempt: r.get(const { col("attempt") })?,
             claimed_by: r.get(const { col("claimed_by") })?,
+            run_dir: r.get(const { col("run_dir") })?,
         })
     }
 
@@ -234,6 +239,8 @@ pub struct Patch {
     pub spec_sha256: Option<String>,
     /// runtime_version
     pub runtime_version: Option<String>,
+    /// run_dir
+    pub run_dir: Option<String>,
     /// Not a field: when set, the write happens only if this node still holds the job under
     /// this attempt (fencing: a node that lost its lease, and whose job was queued again and
     /// claimed by another, cannot write over the new attempt).
@@ -282,6 +289,7 @@ impl Patch {
             ("build", json(&self.build)),
             ("spec_sha256", text(&self.spec_sha256)),
             ("runtime_version", text(&self.runtime_version)),
+            ("run_dir", text(&self.run_dir)),
         ]
         .into_iter()
         .filter_map(|(column, value)| value.map(|v| (column, v)))
@@ -544,6 +552,7 @@ const MIGRATIONS: &[Migration] = &[
     // 7: attempts (a job whose node died may run again), cancel requests, and nodes.
     Migration::AddColumn("attempt", "INTEGER NOT NULL DEFAULT 0"),
     Migration::AddColumn("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
+    Migration::AddColumn("run_dir", "TEXT"),
     Migration::Sql(
         "CREATE TABLE IF NOT EXISTS nodes (
             name TEXT PRIMARY KEY,
