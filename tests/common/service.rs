@@ -289,7 +289,7 @@ pub static SPAWNED: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 /// The binary as the perfbox user can execute it: the checkout may sit under a directory that
 /// user cannot enter (e.g. /root), so it runs from a copy under perfbox's state dir (one copy
 /// per test process, removed by [`stop_all`]).
-fn reachable_copy(binary: &std::path::Path) -> PathBuf {
+pub fn reachable_copy(binary: &std::path::Path) -> PathBuf {
     static COPIES: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
     let mut copies = COPIES.lock().unwrap();
     if let Some((_, copy)) = copies.iter().find(|(b, _)| b == binary) {
