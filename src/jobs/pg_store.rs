@@ -124,9 +124,34 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// How a [`PgStore`] connects.
+#[derive(Debug, Clone, Copy)]
+pub struct PgOptions {
+    /// Pooled connections at most (a node: 8).
+    pub pool_size: usize,
+    /// Whether to keep a connection listening for notices (a node: yes; a tool that only
+    /// reads or claims: no).
+    pub listen: bool,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 8,
+            listen: true,
+        }
+    }
+}
+
 impl PgStore {
-    /// Connect to `url` (a `postgres://` URL or key=value string) and make the schema.
+    /// Connect to `url` (a `postgres://` URL or key=value string) as a node does, and make the
+    /// schema.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, PgOptions::default())
+    }
+
+    /// [`Self::open`] with other [`PgOptions`].
+    pub fn open_with(url: &str, opts: PgOptions) -> Result<Self, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Postgres(format!("database_url: {e}")))?;
         config.connect_timeout(Duration::from_secs(3));
@@ -166,7 +191,7 @@ impl PgStore {
         let pool = {
             let _guard = rt.enter();
             Pool::builder(manager)
-                .max_size(8)
+                .max_size(opts.pool_size)
                 .runtime(deadpool_postgres::Runtime::Tokio1)
                 .wait_timeout(Some(Duration::from_secs(5)))
                 .create_timeout(Some(Duration::from_secs(3)))
@@ -189,7 +214,9 @@ impl PgStore {
             tx.batch_execute(SCHEMA).await.map_err(pg)?;
             tx.commit().await.map_err(pg)
         })?;
-        store.rt.spawn(listen(config, notices));
+        if opts.listen {
+            store.rt.spawn(listen(config, notices));
+        }
         Ok(store)
     }
 
@@ -397,7 +424,7 @@ impl Store for PgStore {
                 .map_err(pg)?;
             Ok((row.get::<_, i64>(0), row.get::<_, i64>(1)))
         })?;
-        if queued >= max_queued as i64 {
+        if queued >= i64::try_from(max_queued).unwrap_or(i64::MAX) {
             return Err(StoreError::QueueFull(queued));
         }
         prepare(id).map_err(StoreError::Prepare)?;

@@ -632,7 +632,7 @@ impl Store for SqliteStore {
             [],
             |r| r.get(0),
         )?;
-        if queued >= max_queued as i64 {
+        if queued >= i64::try_from(max_queued).unwrap_or(i64::MAX) {
             return Err(StoreError::QueueFull(queued));
         }
         tx.execute(
