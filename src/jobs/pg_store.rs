@@ -562,8 +562,6 @@ impl Store for PgStore {
             params.push(Box::new(h.attempt));
         }
         sql.push_str(&format!(" RETURNING {}", *COLUMNS));
-        // Leaving `building` frees a slot; ending frees an owner's share: others may claim.
-        let wakes = to != JobStatus::Building;
         let mut all: Vec<Param> = vec![
             Box::new(id),
             Box::new(to.as_str().to_owned()),
@@ -571,15 +569,11 @@ impl Store for PgStore {
             Box::new(allowed),
         ];
         all.extend(params);
-        let row = self.call(move |c| async move {
-            let row = c.query_opt(&sql, &refs(&all)).await.map_err(pg)?;
-            if row.is_some() && wakes {
-                c.execute(&format!("NOTIFY {CHANNEL}, 'work'"), &[])
-                    .await
-                    .map_err(pg)?;
-            }
-            Ok(row)
-        })?;
+        // No NOTIFY here: what frees capacity for others is a build slot, and the worker gives
+        // its slot back (release_build_slot, which notifies) before the job moves on. A NOTIFY
+        // serialises committing transactions, so it is sent only where it matters.
+        let row =
+            self.call(move |c| async move { c.query_opt(&sql, &refs(&all)).await.map_err(pg) })?;
         match row {
             Some(r) => Ok(record(&r)),
             None => Err(self.why_not(id, to, patch.holder)?),

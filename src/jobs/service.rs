@@ -97,6 +97,20 @@ pub struct Health {
     pub build_cgroups: String,
     /// The source policy of every build.
     pub build_sources: String,
+    /// This node: its name (instance id) and store (`sqlite`, or `postgresql` shared with
+    /// the nodes of `GET /nodes`).
+    pub node: NodeHealth,
+}
+
+/// This node, in [`Health`].
+#[derive(Debug, serde::Serialize)]
+pub struct NodeHealth {
+    /// Instance id.
+    pub name: String,
+    /// `sqlite` or `postgresql`.
+    pub store: &'static str,
+    /// Seconds a claim holds without renewal.
+    pub lease_secs: u64,
 }
 
 /// One dependency's health: `{"ok": true, "version": "…"}` (or `"path"` for the state dir), or
@@ -565,7 +579,17 @@ impl JobService {
             .iter()
             .map(|r| r.pattern())
             .collect();
+        let node = NodeHealth {
+            name: self.inner.instance.clone(),
+            store: if self.inner.store.shared() {
+                "postgresql"
+            } else {
+                "sqlite"
+            },
+            lease_secs: self.inner.lease.as_secs(),
+        };
         Health {
+            node,
             ok: buildkit.is_ok() && runtime.is_ok() && state_dir.is_ok(),
             buildkit: Check::new(buildkit, false),
             runtime: Check::new(runtime, false),

@@ -57,14 +57,7 @@ impl JobService {
     async fn renew_leases(self) {
         loop {
             tokio::time::sleep(self.inner.lease / 3).await;
-            let mine: Vec<super::JobId> = self
-                .inner
-                .active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .copied()
-                .collect();
+            let mine = self.active_ids();
             match self
                 .inner
                 .store
@@ -86,7 +79,10 @@ impl JobService {
             }
             match self.inner.store.stale("") {
                 Ok(ids) => {
-                    for id in ids {
+                    let active = self.active_ids();
+                    // Our own jobs whose lease ran out (this process was paused, or the
+                    // database unreachable) are still ours until another node takes them.
+                    for id in ids.into_iter().filter(|id| !active.contains(id)) {
                         if let Err(e) = self.give_up(id).await {
                             tracing::error!(job = id, error = %e, "cannot give up a stale job");
                         }
@@ -95,6 +91,17 @@ impl JobService {
                 Err(e) => tracing::error!(error = %e, "cannot look for stale jobs"),
             }
         }
+    }
+
+    /// The jobs this node works on now.
+    fn active_ids(&self) -> Vec<super::JobId> {
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// Register a claimed job as running work that a DELETE can cancel. Done before the job
