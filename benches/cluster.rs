@@ -342,58 +342,72 @@ fn main() {
         return;
     }
     let short = std::env::args().any(|a| a == "--short");
+    // `--only store|queue|cache`: one part.
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let pg = Postgres::start("bench-pg").expect("PostgreSQL");
     let mut report = vec![];
 
     // 1. Store cost per job.
     let n = if short { 10 } else { 40 };
-    let env: &[(&str, &str)] = &[];
-    let mut sqlite = Service::start("bench-sqlite", env);
-    let sqlite_ms = per_job_ms(&sqlite, n);
-    sqlite.stop();
-    pg.create_db("perjob");
-    let url = pg.url("perjob");
-    let mut on_pg = Service::start("bench-on-pg", &[("PERFBOX_DATABASE_URL", url.as_str())]);
-    let pg_ms = per_job_ms(&on_pg, n);
-    on_pg.stop();
-    let (s50, p50) = (pct(&sqlite_ms, 0.5), pct(&pg_ms, 0.5));
-    report.push(format!(
+    if part("store") {
+        let env: &[(&str, &str)] = &[];
+        let mut sqlite = Service::start("bench-sqlite", env);
+        let sqlite_ms = per_job_ms(&sqlite, n);
+        sqlite.stop();
+        pg.create_db("perjob");
+        let url = pg.url("perjob");
+        let mut on_pg = Service::start("bench-on-pg", &[("PERFBOX_DATABASE_URL", url.as_str())]);
+        let pg_ms = per_job_ms(&on_pg, n);
+        on_pg.stop();
+        let (s50, p50) = (pct(&sqlite_ms, 0.5), pct(&pg_ms, 0.5));
+        report.push(format!(
         "| store cost: submit → perf visible, cached image ({n} jobs each) | SQLite p50 {s50:.1} ms, p90 {:.1} ms | PostgreSQL p50 {p50:.1} ms, p90 {:.1} ms | **{:.2}×** |",
         pct(&sqlite_ms, 0.9),
         pct(&pg_ms, 0.9),
         p50 / s50
     ));
+    }
 
     // 2. The queue at scale.
-    let jobs = if short { 1000 } else { 5000 };
-    let one = simulate(&pg, "sim1", 1, jobs / 5);
-    let ten = simulate(&pg, "sim10", 10, jobs);
-    let many = simulate(&pg, "sim100", 100, jobs);
-    assert_eq!(
-        ten.duplicates + many.duplicates,
-        0,
-        "a job was claimed twice"
-    );
-    assert_eq!((ten.jobs, many.jobs), (jobs, jobs));
-    report.push(format!(
+    if part("queue") {
+        let jobs = if short { 1000 } else { 5000 };
+        let one = simulate(&pg, "sim1", 1, jobs / 5);
+        let ten = simulate(&pg, "sim10", 10, jobs);
+        let many = simulate(&pg, "sim100", 100, jobs);
+        assert_eq!(
+            ten.duplicates + many.duplicates,
+            0,
+            "a job was claimed twice"
+        );
+        assert_eq!((ten.jobs, many.jobs), (jobs, jobs));
+        report.push(format!(
         "| queue: claim + running + result, fenced ({} jobs; 1 claimer: {} jobs) | 1 claimer: {:.0} jobs/s, claim p50 {:.2} ms, p99 {:.2} ms | 100 claimer processes: {:.0} jobs/s, claim p50 {:.2} ms, p99 {:.2} ms, {} claimed twice | **{:.2}×** throughput |",
         many.jobs, one.jobs, one.claims_per_s, one.p50_ms, one.p99_ms,
         many.claims_per_s, many.p50_ms, many.p99_ms, many.duplicates,
         many.claims_per_s / one.claims_per_s
     ));
 
-    report.push(format!(
+        report.push(format!(
         "| queue: the same with 10 claimer processes ({} jobs) | 1 claimer (above) | 10 claimers: {:.0} jobs/s, claim p50 {:.2} ms, p99 {:.2} ms, {} claimed twice | **{:.2}×** throughput |",
         ten.jobs, ten.claims_per_s, ten.p50_ms, ten.p99_ms, ten.duplicates,
         ten.claims_per_s / one.claims_per_s
     ));
+    }
+
     // 3. Registry cache between nodes.
-    let (a_plain, a_export, b_cold, b_import) = registry_cache();
-    report.push(format!(
+    if part("cache") {
+        let (a_plain, a_export, b_cold, b_import) = registry_cache();
+        report.push(format!(
         "| BuildKit registry cache between nodes (one ~5 s step, 64 MiB layer) | node A without export {a_plain:.2} s; node B cold {b_cold:.2} s | node A exporting {a_export:.2} s; node B importing {b_import:.2} s | export **{:.2}×**, import **{:.2}×** |",
         a_export / a_plain,
         b_import / b_cold
     ));
+    }
 
     let mut out = std::io::stdout().lock();
     writeln!(

@@ -173,11 +173,56 @@ fn many_nodes_never_claim_a_job_twice() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A node starting while others use the database takes no lock on their tables: the schema's
+/// DDL (ALTER TABLE locks `jobs` exclusively) runs only when the database is behind.
+fn a_starting_node_takes_no_table_lock() -> Result<(), Failed> {
+    let db = format!("t{}_lock", std::process::id());
+    server().create_db(&db);
+    drop(PgStore::open(&server().url(&db)).unwrap()); // the schema is made
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={} dbname={db}",
+                server().port,
+                common::user()
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        // Another node mid-transaction, holding a lock on jobs.
+        client
+            .batch_execute("BEGIN; SELECT count(*) FROM jobs")
+            .await
+            .unwrap();
+        let url = server().url(&db);
+        let t0 = Instant::now();
+        let opened = tokio::task::spawn_blocking(move || PgStore::open(&url).map(drop));
+        let r = tokio::time::timeout(Duration::from_secs(5), opened).await;
+        assert!(
+            matches!(r, Ok(Ok(Ok(())))),
+            "opening blocked behind another node's transaction ({:?})",
+            t0.elapsed()
+        );
+        client.batch_execute("COMMIT").await.unwrap();
+    });
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let started = SERVER.get_or_init(|| Postgres::start("pg-store"));
     let mut trials = vec![];
-    let extra: [(&str, Body); 3] = [
+    let extra: [(&str, Body); 4] = [
+        (
+            "a_starting_node_takes_no_table_lock",
+            a_starting_node_takes_no_table_lock,
+        ),
         ("notices_reach_other_nodes", notices_reach_other_nodes),
         (
             "a_restarted_server_loses_nothing",

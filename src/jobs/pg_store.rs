@@ -43,7 +43,8 @@ const CHANNEL: &str = "perfbox";
 /// How long one call may take, connecting included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The schema (idempotent; run under an advisory lock so nodes starting together do not race).
+/// The schema (idempotent; run under an advisory lock so nodes starting together do not race,
+/// and only when `perfbox_schema` says the database is behind [`SCHEMA_VERSION`]).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     id BIGSERIAL PRIMARY KEY,
@@ -77,8 +78,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempt BIGINT NOT NULL DEFAULT 0,
     cancel_requested BOOLEAN NOT NULL DEFAULT false
 );
--- Columns added after the first schema: ADD COLUMN IF NOT EXISTS, one per line, in order.
+-- Columns added after the first schema: ADD COLUMN IF NOT EXISTS, one per line, in order
+-- (each with a new SCHEMA_VERSION).
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS run_dir TEXT;
+CREATE TABLE IF NOT EXISTS perfbox_schema (
+    only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+    version INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (id) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, id);
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (claimed_by) WHERE status IN ('building', 'running');
@@ -98,6 +104,18 @@ CREATE TABLE IF NOT EXISTS nodes (
     heartbeat_at DOUBLE PRECISION NOT NULL
 );
 ";
+
+/// The schema's version: bump it with every change to [`SCHEMA`].
+const SCHEMA_VERSION: i32 = 2;
+
+/// The version of the schema in the database (0: none yet).
+async fn schema_version(c: &Object) -> Result<i32, StoreError> {
+    match c.query_opt("SELECT version FROM perfbox_schema", &[]).await {
+        Ok(row) => Ok(row.map_or(0, |r| r.get(0))),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(0),
+        Err(e) => Err(pg(e)),
+    }
+}
 
 /// A parameter of a query.
 type Param = Box<dyn ToSql + Sync + Send>;
@@ -207,11 +225,23 @@ impl PgStore {
             _stop: stop,
         };
         store.call(|mut c| async move {
+            // DDL only when the schema is behind: ALTER TABLE takes an exclusive lock on jobs,
+            // which every node starting would otherwise put in front of every claim.
+            if schema_version(&c).await? >= SCHEMA_VERSION {
+                return Ok(());
+            }
             let tx = c.transaction().await.map_err(pg)?;
             tx.execute("SELECT pg_advisory_xact_lock(7205759403792793)", &[])
                 .await
                 .map_err(pg)?;
             tx.batch_execute(SCHEMA).await.map_err(pg)?;
+            tx.execute(
+                "INSERT INTO perfbox_schema (only_row, version) VALUES (true, $1)
+                 ON CONFLICT (only_row) DO UPDATE SET version = $1",
+                &[&SCHEMA_VERSION],
+            )
+            .await
+            .map_err(pg)?;
             tx.commit().await.map_err(pg)
         })?;
         if opts.listen {
