@@ -75,13 +75,19 @@ fn claimer(url: &str) {
         per_owner: 1_000_000,
         lease: Duration::from_secs(60),
     };
+    let mut slowest = (0f64, "");
     loop {
         let t = Instant::now();
-        let Some(rec) = store.claim(&claim).unwrap() else {
+        let claimed = store.claim(&claim);
+        if let Err(e) = &claimed {
+            eprintln!("claimer {name}: claim failed after {:?}: {e}", t.elapsed());
+        }
+        let Some(rec) = claimed.unwrap() else {
             break;
         };
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         let holder = Holder::of(&rec);
+        let t = Instant::now();
         store
             .transition(
                 rec.id,
@@ -91,7 +97,11 @@ fn claimer(url: &str) {
                     ..Default::default()
                 },
             )
-            .unwrap();
+            .unwrap_or_else(|e| panic!("running after {:?}: {e}", t.elapsed()));
+        if t.elapsed().as_secs_f64() > slowest.0 {
+            slowest = (t.elapsed().as_secs_f64(), "running");
+        }
+        let t = Instant::now();
         store
             .transition(
                 rec.id,
@@ -102,8 +112,17 @@ fn claimer(url: &str) {
                     ..Default::default()
                 },
             )
-            .unwrap();
+            .unwrap_or_else(|e| panic!("result after {:?}: {e}", t.elapsed()));
+        if t.elapsed().as_secs_f64() > slowest.0 {
+            slowest = (t.elapsed().as_secs_f64(), "result");
+        }
         ids.push(rec.id);
+    }
+    if slowest.0 > 1.0 {
+        eprintln!(
+            "claimer {name}: slowest write {:.2} s ({})",
+            slowest.0, slowest.1
+        );
     }
     let t1 = now();
     println!(

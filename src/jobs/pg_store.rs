@@ -636,6 +636,9 @@ impl Store for PgStore {
     }
 
     fn claim(&self, claim: &Claim<'_>) -> Result<Option<JobRecord>, StoreError> {
+        // One statement. The owners' build slots in use are counted once per claim (`busy`),
+        // not once per queued row looked at: with many claimers, each skips the rows the
+        // others hold locked, and a per-row count made every claim cost rows × slots.
         let node = claim.node.to_owned();
         let slots = claim.build_slots as i64;
         let per_owner = claim.per_owner as i64;
@@ -644,17 +647,20 @@ impl Store for PgStore {
             let row = c
                 .query_opt(
                     &format!(
-                        "UPDATE jobs SET status = 'building', build_started_at = {NOW}, slot = 'build',
+                        "WITH busy AS MATERIALIZED (
+                            SELECT coalesce(submitter, owner, '') AS who, count(*) AS n
+                            FROM jobs WHERE slot = 'build' GROUP BY 1)
+                         UPDATE jobs SET status = 'building', build_started_at = {NOW}, slot = 'build',
                                 claimed_by = $1, lease_until = {NOW} + $4, attempt = attempt + 1
                          WHERE status = 'queued' AND id = (
                             SELECT j.id FROM jobs j
                             WHERE j.status = 'queued'
                               AND (SELECT count(*) FROM jobs b
                                    WHERE b.slot = 'build' AND b.claimed_by = $1) < $2
-                              AND (SELECT count(*) FROM jobs b WHERE b.slot = 'build'
-                                   AND coalesce(b.submitter, b.owner, '') = coalesce(j.submitter, j.owner, '')) < $3
+                              AND coalesce((SELECT n FROM busy
+                                   WHERE who = coalesce(j.submitter, j.owner, '')), 0) < $3
                             ORDER BY j.id LIMIT 1
-                            FOR UPDATE SKIP LOCKED)
+                            FOR UPDATE OF j SKIP LOCKED)
                          RETURNING {}",
                         *COLUMNS
                     ),
