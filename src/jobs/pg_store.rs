@@ -117,6 +117,12 @@ async fn schema_version(c: &Object) -> Result<i32, StoreError> {
     }
 }
 
+/// A prepared statement for `sql`, cached per connection (one round trip per call instead of
+/// two: the parse is not repeated).
+async fn prepared(c: &Object, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
+    c.prepare_cached(sql).await.map_err(pg)
+}
+
 /// A parameter of a query.
 type Param = Box<dyn ToSql + Sync + Send>;
 
@@ -285,7 +291,8 @@ impl PgStore {
     fn scalar(&self, sql: &'static str, params: Vec<Param>) -> Result<i64, StoreError> {
         self.call(move |c| async move {
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
-            Ok(c.query_one(sql, &refs).await.map_err(pg)?.get(0))
+            let st = prepared(&c, sql).await?;
+            Ok(c.query_one(&st, &refs).await.map_err(pg)?.get(0))
         })
     }
 
@@ -500,13 +507,8 @@ impl Store for PgStore {
 
     fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.call(move |c| async move {
-            let row = c
-                .query_opt(
-                    &format!("SELECT {} FROM jobs WHERE id = $1", *COLUMNS),
-                    &[&id],
-                )
-                .await
-                .map_err(pg)?;
+            let st = prepared(&c, &format!("SELECT {} FROM jobs WHERE id = $1", *COLUMNS)).await?;
+            let row = c.query_opt(&st, &[&id]).await.map_err(pg)?;
             Ok(row.as_ref().map(record))
         })
     }
@@ -602,8 +604,10 @@ impl Store for PgStore {
         // No NOTIFY here: what frees capacity for others is a build slot, and the worker gives
         // its slot back (release_build_slot, which notifies) before the job moves on. A NOTIFY
         // serialises committing transactions, so it is sent only where it matters.
-        let row =
-            self.call(move |c| async move { c.query_opt(&sql, &refs(&all)).await.map_err(pg) })?;
+        let row = self.call(move |c| async move {
+            let st = prepared(&c, &sql).await?;
+            c.query_opt(&st, &refs(&all)).await.map_err(pg)
+        })?;
         match row {
             Some(r) => Ok(record(&r)),
             None => Err(self.why_not(id, to, patch.holder)?),
@@ -627,8 +631,10 @@ impl Store for PgStore {
         }
         let mut all: Vec<Param> = vec![Box::new(id), Box::new(status.as_str().to_owned())];
         all.extend(params);
-        let changed =
-            self.call(move |c| async move { c.execute(&sql, &refs(&all)).await.map_err(pg) })?;
+        let changed = self.call(move |c| async move {
+            let st = prepared(&c, &sql).await?;
+            c.execute(&st, &refs(&all)).await.map_err(pg)
+        })?;
         if changed == 1 {
             return Ok(());
         }
@@ -644,9 +650,9 @@ impl Store for PgStore {
         let per_owner = claim.per_owner as i64;
         let lease = claim.lease.as_secs_f64();
         self.call(move |c| async move {
-            let row = c
-                .query_opt(
-                    &format!(
+            let st = prepared(
+                &c,
+                &format!(
                         "WITH busy AS MATERIALIZED (
                             SELECT coalesce(submitter, owner, '') AS who, count(*) AS n
                             FROM jobs WHERE slot = 'build' GROUP BY 1)
@@ -664,6 +670,11 @@ impl Store for PgStore {
                          RETURNING {}",
                         *COLUMNS
                     ),
+            )
+            .await?;
+            let row = c
+                .query_opt(
+                    &st,
                     &[&node, &slots, &per_owner, &lease],
                 )
                 .await
