@@ -88,6 +88,18 @@ impl Cluster {
             .unwrap()
     }
 
+    /// The end of node k's log (1-based k).
+    fn log_tail(&self, k: usize) -> String {
+        let log = std::fs::read_to_string(
+            common::state()
+                .join(&self.env[0].1)
+                .join(format!("node{k}/logs/perfbox.log")),
+        )
+        .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
     /// Node k's perfbox pid (from `scripts/cluster status`), if it runs.
     fn pid(&self, k: usize) -> Option<i32> {
         let out = String::from_utf8(self.script(&["status"]).stdout).unwrap();
@@ -411,12 +423,7 @@ fn a_late_node_cannot_overwrite() -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_secs(12)).await;
         let after = c.get(1, &format!("/job/{id}")).await;
         assert_eq!(after, r, "the woken node changed the record");
-        let log = std::fs::read_to_string(
-            common::state()
-                .join(&c.env[0].1)
-                .join("node1/logs/perfbox.log"),
-        )
-        .unwrap_or_default();
+        let log = c.log_tail(1);
         assert!(
             log.contains("no longer holds") || log.contains("lost this job's lease"),
             "the woken node noticed it lost the job: {}",
@@ -458,12 +465,14 @@ fn cancel_through_another_node() -> Result<(), Failed> {
             t.elapsed(),
             r["status"]
         );
+        let holder = names.iter().position(|n| *n == node).unwrap();
         assert_eq!(r["status"], "cancelled", "{r}");
         assert!(
             t.elapsed() < Duration::from_secs(LEASE_SECS),
-            "the holder stopped it itself, before any lease ran out"
+            "the holder stopped it itself, before any lease ran out: {r}\nholder's log:\n{}\nasked node's log:\n{}",
+            c.log_tail(holder + 1),
+            c.log_tail(other + 1)
         );
-        let holder = names.iter().position(|n| *n == node).unwrap();
         let seen = c.get(holder, &format!("/job/{id}")).await;
         assert_eq!(seen["status"], "cancelled");
         assert_eq!(seen["node"], node.as_str());

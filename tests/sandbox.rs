@@ -461,6 +461,34 @@ fn cancellation() {
         .await;
         assert_eq!(r.end, RunEnd::Cancelled);
         assert!(processes_with(&marker).is_empty());
+        // A cancel at the very start (the runtime still creating the container, when its
+        // `kill` fails) ends the run at once too, not after the 10 s grace for a stuck runtime.
+        for delay_ms in [0, 20, 60] {
+            let job = TestDir::new("job");
+            let marker = format!("2500.{delay_ms}{}", std::process::id());
+            let cancel = CancellationToken::new();
+            let c2 = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                c2.cancel();
+            });
+            let t = std::time::Instant::now();
+            let r = run_with(
+                &sandbox(attack_runtime()),
+                &job,
+                &shell(&format!("sleep {marker}")),
+                None,
+                cancel,
+            )
+            .await;
+            assert_eq!(r.end, RunEnd::Cancelled, "cancel after {delay_ms} ms");
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "cancel after {delay_ms} ms took {:?}",
+                t.elapsed()
+            );
+            assert!(processes_with(&marker).is_empty());
+        }
         // Dropping the run future midway cleans up too.
         let job = TestDir::new("job");
         let marker2 = format!("3000.{}", std::process::id());

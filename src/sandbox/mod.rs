@@ -455,13 +455,22 @@ impl Sandbox {
                 }
             }
             Err(end) => {
-                let _ = self.runtime.kill(&state_dir, &container_id).await;
-                if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
+                // `kill` fails while the runtime is still creating the container (a cancel
+                // right at the start): ask again until it is gone, then kill the runtime.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let _ = self.runtime.kill(&state_dir, &container_id).await;
+                    if tokio::time::timeout(Duration::from_millis(200), child.wait())
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                        break;
+                    }
                 }
                 if matches!(end, RunEnd::DataLimit { .. }) {
                     // Free the disk at once; the directory itself stays (empty) for the record.
