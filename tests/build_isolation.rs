@@ -430,6 +430,44 @@ fn run_step_disk_writer_is_stopped() -> Result<(), Failed> {
         "{err}"
     );
     assert!(drop < max + (1 << 30), "free disk dropped by {drop} bytes");
+    // Into a cache mount (which BuildKit keeps after the stop, unlike the step's own snapshot):
+    // counted by the same cap (before, only the 2 GiB free-disk floor stopped it: 35 GB
+    // written here), and pruned afterwards — only the stopped job's own cache mounts, never
+    // another scope's (tests/build_isolation's owner-scope trial plants one beside this).
+    let cache_writer = format!(
+        "FROM busybox\nRUN echo {}; i=0; while :; do head -c 8388608 /dev/zero > /c/f$i; i=$((i+1)); done\n",
+        nonce()
+    )
+    .replace("RUN echo", "RUN --mount=type=cache,target=/c echo");
+    let (v, drop) = disk_attack(&s, &cache_writer)?;
+    let err = v["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("the build was stopped: its RUN steps wrote")
+            && err.contains("max_image_bytes"),
+        "a cache mount writer was not stopped by the write cap: {err}"
+    );
+    assert!(
+        drop < max + (1 << 30),
+        "free disk dropped by {drop} bytes (cache mount)"
+    );
+    let id = v["job"].as_i64().unwrap();
+    let (_, logs) = s
+        .try_curl(&["-H", &bearer(MALLORY), &format!("/job/{id}/logs")])
+        .unwrap();
+    let freed: u64 = logs
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("perfbox: pruned ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no prune in the build log: {logs}"));
+    assert!(
+        freed > 64 << 20,
+        "the stopped job's cache mount was not pruned: {freed} bytes freed"
+    );
     // Many small files: stopped by the file count.
     let files = format!(
         "FROM busybox\nRUN echo {}; mkdir /m; i=0; while :; do : > /m/f$i; i=$((i+1)); done\n",

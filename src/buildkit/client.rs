@@ -10,11 +10,13 @@ use tonic::transport::Channel;
 
 use super::connect::CONNECT_TIMEOUT;
 use super::error::{self, BuildError, error_chain};
-use super::proto::control::{ControlClient, InfoRequest, ListWorkersRequest, PruneRequest};
+use super::proto::control::{
+    ControlClient, DiskUsageRequest, InfoRequest, ListWorkersRequest, PruneRequest,
+};
 use super::proto::pb;
 use super::session::auth::RegistryCredentials;
 use super::status::BuildLog;
-use super::{BuildRequest, BuiltImage, DaemonInfo, ImageBuilder, WorkerInfo};
+use super::{BuildRequest, BuildScope, BuiltImage, DaemonInfo, ImageBuilder, WorkerInfo};
 
 /// Large enough for status batches with logs and for the frontend's result.
 pub(super) const MAX_MESSAGE: usize = 64 << 20;
@@ -37,12 +39,53 @@ impl std::fmt::Debug for BuildkitClient {
 }
 
 impl BuildkitClient {
-    /// Ask the daemon to delete every build-cache record nothing uses (BuildKit's own prune),
-    /// e.g. the snapshot of a RUN step stopped for filling the disk. Returns the bytes freed.
-    pub async fn prune(&self) -> Result<u64, BuildError> {
+    /// Ask the daemon to delete the build-cache records nothing uses (BuildKit's own prune),
+    /// e.g. the snapshot of a RUN step stopped for filling the disk: every unused layer
+    /// (`type==regular`), and the cache mounts of `scope` only — another scope's cache mounts
+    /// are what its (owner-scoped) next builds read, and a hostile build that fills the disk
+    /// must not be able to wipe them. Returns the bytes freed.
+    pub async fn prune(&self, scope: Option<&BuildScope>) -> Result<u64, BuildError> {
+        let mut freed = self.prune_once(vec!["type==regular".to_owned()]).await?;
+        let Some(scope) = scope else {
+            return Ok(freed);
+        };
+        // A cache mount's description ends `with id "<scope>/<id>"` (the mount namespace is
+        // the scope). Prune does not match descriptions, so the scope's mounts are found with
+        // DiskUsage and pruned by id. The stopped build's mounts are released a moment after
+        // its solve ends: look again while they are still in use, for up to ~3 s.
+        let marker = format!("with id \"{}/", scope.as_str());
+        for attempt in 0..7 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let mounts: Vec<(String, bool)> = self
+                .usage(vec!["type==exec.cachemount".to_owned()])
+                .await?
+                .into_iter()
+                .filter(|r| r.description.contains(&marker))
+                .map(|r| (r.id, r.in_use))
+                .collect();
+            if mounts.is_empty() {
+                break;
+            }
+            let idle: Vec<String> = mounts
+                .iter()
+                .filter(|(_, in_use)| !in_use)
+                .map(|(id, _)| format!("id=={id}"))
+                .collect();
+            if !idle.is_empty() {
+                freed += self.prune_once(idle).await?;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// One Prune call with `filter`; the bytes freed.
+    async fn prune_once(&self, filter: Vec<String>) -> Result<u64, BuildError> {
         let mut control = self.control();
         let call = control.prune(PruneRequest {
             all: true,
+            filter,
             ..Default::default()
         });
         let mut stream = tokio::time::timeout(Duration::from_secs(60), call)
@@ -59,6 +102,24 @@ impl BuildkitClient {
             freed += u64::try_from(record.size).unwrap_or(0);
         }
         Ok(freed)
+    }
+
+    /// The cache records that match `filter` (DiskUsage).
+    async fn usage(
+        &self,
+        filter: Vec<String>,
+    ) -> Result<Vec<super::proto::control::UsageRecord>, BuildError> {
+        let mut control = self.control();
+        let call = control.disk_usage(DiskUsageRequest {
+            filter,
+            ..Default::default()
+        });
+        let answer = tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .map_err(|_| self.unavailable("no answer to DiskUsage within 30 s"))?
+            .map_err(|s| self.call_error("DiskUsage", &s))?
+            .into_inner();
+        Ok(answer.record)
     }
 
     /// Use `credentials` when a registry asks the daemon to authenticate (default: anonymous).
@@ -194,8 +255,11 @@ impl ImageBuilder for BuildkitClient {
         Box::pin(self.build_shared(req, log))
     }
 
-    fn prune(&self) -> BoxFuture<'_, Result<u64, BuildError>> {
-        Box::pin(BuildkitClient::prune(self))
+    fn prune<'a>(
+        &'a self,
+        scope: Option<&'a BuildScope>,
+    ) -> BoxFuture<'a, Result<u64, BuildError>> {
+        Box::pin(BuildkitClient::prune(self, scope))
     }
 
     fn version(&self) -> BoxFuture<'_, Result<String, BuildError>> {

@@ -272,8 +272,10 @@ pub trait ImageBuilder: Send + Sync {
         log: Arc<dyn BuildLog>,
     ) -> BoxFuture<'_, Result<BuiltImage, BuildError>>;
 
-    /// Delete the daemon's unused build cache; the bytes freed.
-    fn prune(&self) -> BoxFuture<'_, Result<u64, BuildError>>;
+    /// Delete the daemon's unused layer cache and `scope`'s unused cache mounts (never another
+    /// scope's: with owner scopes they are that owner's); the bytes freed.
+    fn prune<'a>(&'a self, scope: Option<&'a BuildScope>)
+    -> BoxFuture<'a, Result<u64, BuildError>>;
 
     /// The daemon's version, or why it cannot be reached (health checks).
     fn version(&self) -> BoxFuture<'_, Result<String, BuildError>>;

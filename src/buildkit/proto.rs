@@ -12,8 +12,8 @@ pub(crate) use bollard_buildkit_proto::pb;
 pub(crate) mod control {
     pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::control_client::ControlClient;
     pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::{
-        BytesMessage, Exporter, InfoRequest, ListWorkersRequest, PruneRequest, SolveRequest,
-        SolveResponse, StatusRequest, StatusResponse,
+        BytesMessage, DiskUsageRequest, Exporter, InfoRequest, ListWorkersRequest, PruneRequest,
+        SolveRequest, SolveResponse, StatusRequest, StatusResponse, UsageRecord,
     };
     #[cfg(test)]
     pub(crate) use bollard_buildkit_proto::moby::buildkit::v1::{Vertex, VertexLog};

@@ -141,7 +141,10 @@ impl ImageBuilder for FakeBuilder {
         })
     }
 
-    fn prune(&self) -> BoxFuture<'_, Result<u64, BuildError>> {
+    fn prune<'a>(
+        &'a self,
+        _scope: Option<&'a crate::buildkit::BuildScope>,
+    ) -> BoxFuture<'a, Result<u64, BuildError>> {
         self.prunes.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Ok(0) })
     }

@@ -281,6 +281,7 @@ impl JobService {
         cgroup: Option<&BuildCgroup>,
     ) -> Result<BuiltImage, Ending> {
         let cfg = &self.inner.cfg;
+        let scope = req.scope.clone();
         // A RUN step can write until the disk is full: watch the free space where BuildKit and
         // the image cache write, and stop the build before the host runs out.
         let watched = self.disk_watch_paths();
@@ -325,7 +326,7 @@ impl JobService {
         // Stopped for the disk's sake: the stopped step's snapshot stays in BuildKit's cache, so
         // give the space back.
         log.line(&format!("perfbox: build stopped: {stopped}"));
-        match self.inner.builder.prune().await {
+        match self.inner.builder.prune(scope.as_ref()).await {
             Ok(freed) => log.line(&format!(
                 "perfbox: pruned {freed} bytes of unused BuildKit cache"
             )),

@@ -6,7 +6,11 @@
 //!
 //! 1. the RUN steps of a build are the cgroups `<build cgroup>/buildkit/<id>` that runc made;
 //! 2. the root mount of a process in each (`/proc/<pid>/mountinfo`, mount point `/`) names its
-//!    overlay `upperdir`;
+//!    overlay `upperdir`; every other writable mount of the step that lives in the same
+//!    snapshots directory is written to the host's disk too — a cache mount
+//!    (`RUN --mount=type=cache`: a bind of a snapshot's `fs`, kept after the build, so a step
+//!    that fills it is not even undone by BuildKit), or another overlay's `upperdir` — and is
+//!    counted in full (an owner-scoped cache mount's earlier contents included);
 //! 3. that directory is walked (allocated blocks and entries, one file system, no symlink
 //!    followed) by `perfbox measure-tree` run **inside the daemon's user namespace**: files a RUN
 //!    step made as another user (a subuid) with a mode that shuts out others are still counted,
@@ -83,13 +87,12 @@ impl BuildWrites {
     /// Measure the RUN steps running now; the total over every upper directory seen so far.
     pub fn sample(&mut self) -> WriteUsage {
         for pid in running_steps(&self.cgroup) {
-            let Some(upper) = upper_dir(pid) else {
-                continue;
-            };
-            if let Ok(u) = measure_in_userns(&self.exe, pid, &upper) {
-                let slot = self.seen.entry(upper).or_default();
-                slot.bytes = slot.bytes.max(u.bytes);
-                slot.entries = slot.entries.max(u.entries);
+            for dir in written_dirs(pid) {
+                if let Ok(u) = measure_in_userns(&self.exe, pid, &dir) {
+                    let slot = self.seen.entry(dir).or_default();
+                    slot.bytes = slot.bytes.max(u.bytes);
+                    slot.entries = slot.entries.max(u.entries);
+                }
             }
         }
         self.seen
@@ -115,27 +118,68 @@ fn running_steps(cgroup: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// The overlay upper directory of `pid`'s root mount.
-fn upper_dir(pid: i32) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
-    upper_dir_in(&text)
+/// The directories on the host's disk that `pid`'s writes land in (see the module docs).
+fn written_dirs(pid: i32) -> Vec<PathBuf> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .map(|text| written_dirs_in(&text))
+        .unwrap_or_default()
 }
 
-/// [`upper_dir`] of a mountinfo text.
-fn upper_dir_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().rev().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        let mount_point = mount.split(' ').nth(4)?;
-        let mut fs = fs.split(' ');
-        if mount_point != "/" || fs.next()? != "overlay" {
-            return None;
+/// [`written_dirs`] of a mountinfo text: the root overlay's `upperdir` first, then every other
+/// read-write mount in the same snapshots directory (a bind of a snapshot's `fs`, or an
+/// overlay's `upperdir`). Nothing when the root is not an overlay.
+fn written_dirs_in(mountinfo: &str) -> Vec<PathBuf> {
+    // Per line: (mount point, root within its file system, rw, fs type, upperdir if overlay).
+    let mounts: Vec<(String, String, bool, String, Option<PathBuf>)> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mut m = mount.split(' ');
+            let root = unescape(m.nth(3)?);
+            let point = unescape(m.next()?);
+            let rw = m.next()?.split(',').any(|o| o == "rw");
+            let mut fs = fs.split(' ');
+            let kind = fs.next()?.to_owned();
+            let upper = fs.nth(1).and_then(|options| {
+                options
+                    .split(',')
+                    .find_map(|o| o.strip_prefix("upperdir="))
+                    .map(|u| PathBuf::from(unescape(u)))
+            });
+            Some((point, root, rw, kind, upper))
+        })
+        .collect();
+    // The last mount at / is the one in force.
+    let Some(root_upper) = mounts
+        .iter()
+        .rev()
+        .find(|(point, _, _, kind, _)| point == "/" && kind == "overlay")
+        .and_then(|m| m.4.clone())
+    else {
+        return Vec::new();
+    };
+    // `<snapshots>/<n>/fs`: the other mounts that count live in `<snapshots>`.
+    let Some(snapshots) = root_upper
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+    else {
+        return vec![root_upper];
+    };
+    let mut dirs = vec![root_upper.clone()];
+    for (point, root, rw, kind, upper) in &mounts {
+        if point == "/" || !rw {
+            continue;
         }
-        let options = fs.nth(1)?;
-        let upper = options
-            .split(',')
-            .find_map(|o| o.strip_prefix("upperdir="))?;
-        Some(PathBuf::from(unescape(upper)))
-    })
+        let dir = match (kind.as_str(), upper) {
+            ("overlay", Some(u)) => u.clone(),
+            (_, _) => PathBuf::from(root),
+        };
+        if dir.starts_with(&snapshots) && !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs
 }
 
 /// mountinfo's octal escapes (`\040` for a space...).
@@ -202,11 +246,38 @@ mod tests {
         let mi = "1234 1000 0:52 / / rw,relatime - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/var/lib/perfbox/buildkit/root/snap\\040s/45/fs,workdir=/w,userxattr\n\
                   1235 1234 0:5 / /proc rw - proc proc rw\n";
         assert_eq!(
-            upper_dir_in(mi),
-            Some(PathBuf::from("/var/lib/perfbox/buildkit/root/snap s/45/fs"))
+            written_dirs_in(mi),
+            vec![PathBuf::from("/var/lib/perfbox/buildkit/root/snap s/45/fs")]
         );
-        assert_eq!(upper_dir_in("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
-        assert_eq!(upper_dir_in("garbage"), None);
+        assert!(written_dirs_in("1 0 0:1 / / rw - ext4 /dev/vda rw\n").is_empty());
+        assert!(written_dirs_in("garbage").is_empty());
+    }
+
+    #[test]
+    fn cache_mounts_and_rw_overlays_count_read_only_and_host_binds_do_not() {
+        // What a RUN step with `--mount=type=cache,target=/c` sees (from this host), plus a
+        // read-write overlay elsewhere, a read-only snapshot bind, and BuildKit's resolv.conf.
+        let snaps = "/var/lib/perfbox/buildkit/root/runc-overlayfs/snapshots/snapshots";
+        let mi = format!(
+            "154 112 0:44 / / rw,relatime - overlay overlay rw,lowerdir={snaps}/9164/fs,upperdir={snaps}/10187/fs,workdir={snaps}/10187/work\n\
+             161 154 254:0 /var/lib/perfbox/buildkit/root/runc-overlayfs/executor/resolv.conf /etc/resolv.conf ro,nosuid - ext4 /dev/vda rw\n\
+             201 154 254:0 {snaps}/10188/fs /c rw,relatime - ext4 /dev/vda rw,discard\n\
+             202 154 254:0 {snaps}/10190/fs /ro ro,relatime - ext4 /dev/vda rw\n\
+             203 154 0:45 / /o rw,relatime - overlay overlay rw,lowerdir={snaps}/1/fs,upperdir={snaps}/10189/fs,workdir={snaps}/10189/work\n\
+             204 154 254:0 /etc /hostetc rw,relatime - ext4 /dev/vda rw\n"
+        );
+        let dirs: Vec<String> = written_dirs_in(&mi)
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        assert_eq!(
+            dirs,
+            vec![
+                format!("{snaps}/10187/fs"),
+                format!("{snaps}/10188/fs"),
+                format!("{snaps}/10189/fs")
+            ]
+        );
     }
 
     #[test]

@@ -140,6 +140,10 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        // PERFBOX_KEEP_TEST_DIRS=1 keeps them (services' logs) for a post-mortem.
+        if std::env::var_os("PERFBOX_KEEP_TEST_DIRS").is_some() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

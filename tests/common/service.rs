@@ -322,7 +322,9 @@ pub fn stop_all() {
             nix::sys::signal::Signal::SIGTERM,
         );
         std::thread::sleep(Duration::from_millis(200));
-        let _ = std::fs::remove_dir_all(dir);
+        if std::env::var_os("PERFBOX_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
     for dir in BIN_DIRS.lock().unwrap().drain(..) {
         let _ = std::fs::remove_dir_all(dir);
