@@ -479,6 +479,81 @@ fn cancel_through_another_node() -> Result<(), Failed> {
     })
 }
 
+/// `GET /job/{id}/logs?follow=1` on a node that does not run the job streams the holder's log
+/// live (lines arrive while the job runs, not only when it ends), and the whole log after.
+fn logs_follow_live_from_any_node() -> Result<(), Failed> {
+    common::block_on(async {
+        let c = Cluster::up(3);
+        let dockerfile = "FROM alpine\nCMD for i in 1 2 3 4 5 6; do echo tick-$i; sleep 1; done; \
+                          echo '{\"perf\": 0.5}' > /data/perf.json\n";
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(dockerfile.as_bytes().to_vec())
+                .file_name("ticks.Dockerfile"),
+        );
+        let r: Value = c
+            .http
+            .post(format!("{}/job/build", c.urls[0]))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = r["id"].as_i64().unwrap();
+        let t0 = Instant::now();
+        let node = loop {
+            let r = c.get(0, &format!("/job/{id}")).await;
+            if r["status"] == "running" {
+                break r["node"].as_str().unwrap().to_owned();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "never ran: {r}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let names = [c.name(0).await, c.name(1).await, c.name(2).await];
+        let other = names.iter().position(|n| *n != node).unwrap();
+        let mut resp = c
+            .http
+            .get(format!("{}/job/{id}/logs?follow=1", c.urls[other]))
+            .send()
+            .await
+            .unwrap();
+        let (mut text, mut first_tick) = (String::new(), None);
+        let started = Instant::now();
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if first_tick.is_none() && text.contains("tick-1") {
+                first_tick = Some(started.elapsed());
+            }
+        }
+        let ended = started.elapsed();
+        let first = first_tick.unwrap_or_else(|| panic!("no tick in the followed log: {text}"));
+        eprintln!(
+            "followed through another node: tick-1 after {first:?}, stream ended after {ended:?}"
+        );
+        assert!(
+            ended - first > Duration::from_secs(3),
+            "the log arrived only at the end ({first:?} of {ended:?})"
+        );
+        for i in 1..=6 {
+            assert!(
+                text.contains(&format!("tick-{i}")),
+                "tick-{i} missing: {text}"
+            );
+        }
+        assert!(
+            text.contains("===== build log =====") && text.contains("===== run log ====="),
+            "{text}"
+        );
+        let done = c.get(other, &format!("/job/{id}")).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        // After the end, from any node, without following: the same run log.
+        let again = c.text(other, &format!("/job/{id}/logs")).await;
+        assert!(again.contains("tick-6"), "{again}");
+    })
+}
+
 /// PostgreSQL restarted while 20 jobs are under way: nodes reconnect, every job ends
 /// `succeeded` with its own perf, none is stuck or lost.
 fn postgres_restart_under_load() -> Result<(), Failed> {
@@ -509,7 +584,11 @@ fn main() {
         (!std::path::Path::new(&common::buildkit_socket()).exists())
             .then(|| format!("no buildkitd at {} (scripts/up)", common::buildkit_socket()))
     });
-    let trials: [(&str, Body); 5] = [
+    let trials: [(&str, Body); 6] = [
+        (
+            "logs_follow_live_from_any_node",
+            logs_follow_live_from_any_node,
+        ),
         ("sixty_jobs_over_three_nodes", sixty_jobs_over_three_nodes),
         ("a_killed_node_loses_nothing", a_killed_node_loses_nothing),
         ("a_late_node_cannot_overwrite", a_late_node_cannot_overwrite),

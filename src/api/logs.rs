@@ -1,5 +1,11 @@
 //! `GET /job/{id}/logs[?follow=1]`: the build log then the run log as text. With `follow`, the
 //! response streams new lines as they are written until the job ends.
+//!
+//! In a cluster, a job another node is building or running has its logs on that node: the
+//! request is passed to it (the caller's token with it, marked so that it is never passed on
+//! again) and its answer streamed back, live. A finished job's logs are in the store, readable
+//! from any node; if the holder cannot be reached, the answer is what this node has (the logs
+//! arrive when the job ends).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -7,6 +13,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -98,16 +105,69 @@ impl Follow {
     }
 }
 
+/// Marks a request one node passed to another.
+const FORWARDED: &str = "x-perfbox-forwarded";
+
+/// Pass the logs request to the node holding the job; None if it does not answer 200.
+async fn from_holder(url: &str, id: JobId, follow: bool, headers: &HeaderMap) -> Option<Response> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default()
+    });
+    let mut req = client
+        .get(format!(
+            "{url}/job/{id}/logs{}",
+            if follow { "?follow=1" } else { "" }
+        ))
+        .header(FORWARDED, "1");
+    if let Some(auth) = headers.get(axum::http::header::AUTHORIZATION) {
+        req = req.header(axum::http::header::AUTHORIZATION, auth.as_bytes());
+    }
+    let answer = match req.send().await {
+        Ok(a) if a.status() == reqwest::StatusCode::OK => a,
+        Ok(a) => {
+            tracing::warn!(job = id, node = url, status = %a.status(), "the job's node refused its logs");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(job = id, node = url, error = %e, "the job's node did not answer for its logs");
+            return None;
+        }
+    };
+    Some(
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            Body::from_stream(answer.bytes_stream()),
+        )
+            .into_response(),
+    )
+}
+
 /// The handler.
 pub async fn logs(
     State(jobs): State<JobService>,
     Caller(owner): Caller,
     Path(raw): Path<String>,
     Query(q): Query<LogQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    let paths = jobs.log_paths(id, &owner)?;
     let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes" | ""));
+    if !headers.contains_key(FORWARDED) {
+        let rec = jobs.get(id, &owner)?;
+        if let Some(url) = jobs.holder_url(&rec)
+            && let Some(answer) = from_holder(&url, id, follow, &headers).await
+        {
+            return Ok(answer);
+        }
+    }
+    let paths = jobs.log_paths(id, &owner)?;
     let state = Follow {
         jobs,
         id,

@@ -249,6 +249,26 @@ impl JobService {
         Ok(self.inner.store.nodes()?)
     }
 
+    /// Where to ask for a job's live state when another node, alive, is building or running
+    /// it (its API's URL); None when this node has all there is to show.
+    pub fn holder_url(&self, rec: &JobRecord) -> Option<String> {
+        if !self.inner.store.shared() || rec.status.is_terminal() {
+            return None;
+        }
+        let node = rec.claimed_by.as_deref()?;
+        if node == self.inner.instance {
+            return None;
+        }
+        let fresh = 2.0 * self.inner.lease.as_secs_f64();
+        self.inner
+            .store
+            .nodes()
+            .ok()?
+            .into_iter()
+            .find(|n| n.name == node && super::store::now() - n.heartbeat_at < fresh)
+            .map(|n| n.url)
+    }
+
     /// This node's name (its instance id) and how long its claims hold.
     pub fn node(&self) -> (&str, Duration) {
         (&self.inner.instance, self.inner.lease)
