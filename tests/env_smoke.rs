@@ -112,6 +112,15 @@ fn run_built_image(runtime: &str) -> Result<String, String> {
     .output();
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
+        // The whole story for runc (its refusals are not expected here); one line for the
+        // runtimes whose refusal becomes a skip's name.
+        if runtime == "runc" {
+            return Err(format!(
+                "runc run exited with {}: stderr: {err} stdout: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
         return Err(first_error_line(&err));
     }
     std::fs::read_to_string(data.join("out.txt")).map_err(|e| format!("no /data/out.txt: {e}"))

@@ -362,7 +362,14 @@ impl JobService {
         let mut running = image.patch;
         running.build = build;
         running.holder = self.holder(id);
-        if let Err(e) = self.inner.store.transition(id, JobStatus::Running, running) {
+        let recorded = self
+            .write_through(id, "the run's start", || {
+                self.inner
+                    .store
+                    .transition(id, JobStatus::Running, running.clone())
+            })
+            .await;
+        if let Err(e) = recorded {
             return ending(
                 JobStatus::Interrupted,
                 format!("cannot record the run: {e}"),
@@ -449,15 +456,18 @@ impl JobService {
             holder: self.holder(id),
             ..Patch::default()
         };
-        self.inner
-            .store
-            .annotate(id, JobStatus::Running, sandbox)
-            .map_err(|e| {
-                (
-                    JobStatus::Interrupted,
-                    format!("cannot record the run's spec: {e}"),
-                )
-            })?;
+        self.write_through(id, "the run's spec", || {
+            self.inner
+                .store
+                .annotate(id, JobStatus::Running, sandbox.clone())
+        })
+        .await
+        .map_err(|e| {
+            (
+                JobStatus::Interrupted,
+                format!("cannot record the run's spec: {e}"),
+            )
+        })?;
         Ok(prepared)
     }
 

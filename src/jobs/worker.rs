@@ -134,7 +134,7 @@ impl JobService {
     async fn process(self, rec: JobRecord, active: Active) {
         let id = rec.id;
         let holder = self.holder(id);
-        let (status, mut patch) = match self.fetch_submission(&rec) {
+        let (status, mut patch) = match self.fetch_submission(&rec).await {
             Ok(()) => self.pipeline(&rec, &active.token).await,
             Err(e) => (
                 JobStatus::Interrupted,
@@ -151,12 +151,14 @@ impl JobService {
 
     /// With a shared store, a job claimed here may have been submitted elsewhere: its
     /// Dockerfile and options come from the store.
-    fn fetch_submission(&self, rec: &JobRecord) -> Result<(), super::StoreError> {
+    async fn fetch_submission(&self, rec: &JobRecord) -> Result<(), super::StoreError> {
         let dir = self.job_dir(rec.id);
         if !self.inner.store.shared() || dir.dockerfile().is_ok() {
             return Ok(());
         }
-        let files = self.inner.store.files(rec.id)?;
+        let files = self
+            .write_through(rec.id, "the job's files", || self.inner.store.files(rec.id))
+            .await?;
         dir.restore(&files).map_err(super::StoreError::Prepare)
     }
 
@@ -177,34 +179,43 @@ impl JobService {
         } else {
             vec![]
         };
+        let kept: Vec<(&str, &[u8])> = results.iter().map(|(n, c)| (*n, c.as_slice())).collect();
+        let written = self
+            .write_through(id, "the job's end", || {
+                store.put_files(id, holder, &kept)?;
+                store.transition(id, status, patch.clone()).map(|_| ())
+            })
+            .await;
+        match written {
+            Ok(()) => tracing::info!(job = id, status = %status, "job finished"),
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, status = %status, "the job's end was not recorded")
+            }
+        }
+    }
+
+    /// Run a store write for job `id`, again while the database is unreachable (backoff from
+    /// 0.2 s to 5 s, about three minutes in all): a database restart must not fail the jobs
+    /// under way. A refused write (fenced, wrong status) is returned at once.
+    pub(super) async fn write_through<T>(
+        &self,
+        id: super::JobId,
+        what: &str,
+        mut write: impl FnMut() -> Result<T, super::StoreError>,
+    ) -> Result<T, super::StoreError> {
         let mut delay = Duration::from_millis(200);
-        for _ in 0..40 {
-            let kept: Vec<(&str, &[u8])> =
-                results.iter().map(|(n, c)| (*n, c.as_slice())).collect();
-            let written = match store.put_files(id, holder, &kept) {
-                Ok(()) => store.transition(id, status, patch.clone()).map(|_| ()),
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(()) => {
-                    tracing::info!(job = id, status = %status, "job finished");
-                    return;
-                }
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(job = id, error = %e, "cannot record the job's end yet; retrying");
+        let mut tries = 0;
+        loop {
+            match write() {
+                Err(e) if e.is_transient() && tries < 40 => {
+                    tries += 1;
+                    tracing::warn!(job = id, error = %e, "the database is unreachable for {what}; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => {
-                    tracing::warn!(job = id, error = %e, status = %status, "the job's end was not recorded");
-                    return;
-                }
+                other => return other,
             }
         }
-        tracing::error!(
-            job = id,
-            "could not record the job's end: the database stayed unreachable"
-        );
     }
 
     /// The build of a claimed job is over: its build slot goes to the next job.
