@@ -33,7 +33,7 @@ use tokio_postgres::{NoTls, Row};
 use super::JobStatus;
 use super::store::{
     COLUMNS, Claim, Holder, JobId, JobRecord, NewJob, NodeInfo, Notice, Patch, Store, StoreError,
-    col,
+    col, refusal,
 };
 
 /// The database's clock, in Unix seconds.
@@ -319,23 +319,7 @@ impl PgStore {
                 )
             }))
         })?;
-        let Some((from, node, attempt)) = now else {
-            return Ok(StoreError::NotFound(id));
-        };
-        if let Some(h) = holder
-            && (node.as_deref() != Some(h.node.as_str()) || attempt != h.attempt)
-        {
-            return Ok(StoreError::Fenced {
-                id,
-                node: h.node,
-                attempt: h.attempt,
-            });
-        }
-        Ok(StoreError::IncorrectStatus {
-            id,
-            from: JobStatus::parse(&from).unwrap_or(JobStatus::Interrupted),
-            to,
-        })
+        Ok(refusal(id, to, holder, now))
     }
 }
 

@@ -256,7 +256,40 @@ pub struct Holder {
     pub attempt: i64,
 }
 
+/// A job as a write checks it: its status, the node that claimed it, its attempt.
+pub(super) type Held = (String, Option<String>, i64);
+
+/// Why a write to job `id` (moving it to, or expecting it in, `to`) was refused, from the job
+/// as it is now: gone, held by another node or attempt than `holder`, or in another status.
+pub(super) fn refusal(
+    id: JobId,
+    to: JobStatus,
+    holder: Option<Holder>,
+    now: Option<Held>,
+) -> StoreError {
+    let Some((from, node, attempt)) = now else {
+        return StoreError::NotFound(id);
+    };
+    match holder {
+        Some(h) if !h.holds(node.as_deref(), attempt) => StoreError::Fenced {
+            id,
+            node: h.node,
+            attempt: h.attempt,
+        },
+        _ => StoreError::IncorrectStatus {
+            id,
+            from: JobStatus::parse(&from).unwrap_or(JobStatus::Interrupted),
+            to,
+        },
+    }
+}
+
 impl Holder {
+    /// Whether a job claimed by `node` under `attempt` is still this holder's.
+    pub fn holds(&self, node: Option<&str>, attempt: i64) -> bool {
+        node == Some(self.node.as_str()) && attempt == self.attempt
+    }
+
     /// The holder a claimed record names.
     pub fn of(rec: &JobRecord) -> Option<Self> {
         Some(Holder {
@@ -610,6 +643,16 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The job as a write checks it ([`Held`]), if it exists.
+fn held(conn: &Connection, id: JobId) -> rusqlite::Result<Option<Held>> {
+    conn.query_row(
+        "SELECT status, claimed_by, attempt FROM jobs WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+}
+
 fn select_one(conn: &Connection, id: JobId) -> rusqlite::Result<JobRecord> {
     conn.query_row(
         &format!("SELECT {} FROM jobs WHERE id = ?1", *COLUMNS),
@@ -721,24 +764,18 @@ impl Store for SqliteStore {
     fn transition(&self, id: JobId, to: JobStatus, patch: Patch) -> Result<JobRecord, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let now_held: Option<(String, Option<String>, i64)> = tx
-            .query_row(
-                "SELECT status, claimed_by, attempt FROM jobs WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let (from, node, attempt) = now_held.ok_or(StoreError::NotFound(id))?;
-        if let Some(h) = &patch.holder
-            && (node.as_deref() != Some(h.node.as_str()) || attempt != h.attempt)
-        {
-            return Err(StoreError::Fenced {
-                id,
-                node: h.node.clone(),
-                attempt: h.attempt,
-            });
-        }
-        let from = JobStatus::parse(&from).unwrap_or(JobStatus::Interrupted);
+        let current = held(&tx, id)?;
+        let from = match &current {
+            Some((from, node, attempt))
+                if patch
+                    .holder
+                    .as_ref()
+                    .is_none_or(|h| h.holds(node.as_deref(), *attempt)) =>
+            {
+                JobStatus::parse(from).unwrap_or(JobStatus::Interrupted)
+            }
+            _ => return Err(refusal(id, to, patch.holder, current)),
+        };
         if !from.can_transition_to(to) {
             return Err(StoreError::IncorrectStatus { id, from, to });
         }
@@ -807,35 +844,7 @@ impl Store for SqliteStore {
         if changed == 1 {
             return Ok(());
         }
-        if let Some(h) = patch.holder {
-            let held: Option<(String, Option<String>, i64)> = conn
-                .query_row(
-                    "SELECT status, claimed_by, attempt FROM jobs WHERE id = ?1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            if let Some((_, node, attempt)) = held
-                && (node.as_deref() != Some(h.node.as_str()) || attempt != h.attempt)
-            {
-                return Err(StoreError::Fenced {
-                    id,
-                    node: h.node,
-                    attempt: h.attempt,
-                });
-            }
-        }
-        let now: Option<String> = conn
-            .query_row("SELECT status FROM jobs WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?;
-        match now {
-            None => Err(StoreError::NotFound(id)),
-            Some(from) => Err(StoreError::IncorrectStatus {
-                id,
-                from: JobStatus::parse(&from).unwrap_or(JobStatus::Interrupted),
-                to: status,
-            }),
-        }
+        Err(refusal(id, status, patch.holder, held(&conn, id)?))
     }
 
     fn claim(&self, claim: &Claim<'_>) -> Result<Option<JobRecord>, StoreError> {
@@ -935,14 +944,7 @@ impl Store for SqliteStore {
             params![id, attempt, requeue, why, t],
         )?;
         if n == 0 {
-            let held: Option<(String, Option<String>)> = tx
-                .query_row(
-                    "SELECT status, claimed_by FROM jobs WHERE id = ?1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let (_, node) = held.ok_or(StoreError::NotFound(id))?;
+            let (_, node, _) = held(&tx, id)?.ok_or(StoreError::NotFound(id))?;
             return Err(StoreError::Fenced {
                 id,
                 node: node.unwrap_or_default(),
