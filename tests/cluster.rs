@@ -109,12 +109,20 @@ impl Cluster {
     }
 
     async fn submit(&self, node: usize, perf: &str, sleep: u32) -> i64 {
-        let dockerfile = format!(
-            "FROM alpine\nCMD sleep {sleep}; echo '{{\"perf\": {perf}}}' > /data/perf.json\n"
-        );
+        self.submit_dockerfile(
+            node,
+            &format!(
+                "FROM alpine\nCMD sleep {sleep}; echo '{{\"perf\": {perf}}}' > /data/perf.json\n"
+            ),
+        )
+        .await
+    }
+
+    async fn submit_dockerfile(&self, node: usize, dockerfile: &str) -> i64 {
         let form = reqwest::multipart::Form::new().part(
             "file",
-            reqwest::multipart::Part::bytes(dockerfile.into_bytes()).file_name("job.Dockerfile"),
+            reqwest::multipart::Part::bytes(dockerfile.as_bytes().to_vec())
+                .file_name("job.Dockerfile"),
         );
         let r: Value = self
             .http
@@ -127,6 +135,27 @@ impl Cluster {
             .await
             .unwrap();
         r["id"].as_i64().unwrap_or_else(|| panic!("no id: {r}"))
+    }
+
+    /// Once job `id` runs: the index of the node running it, and of another one.
+    async fn running_on(&self, id: i64) -> (usize, usize) {
+        let t0 = Instant::now();
+        let node = loop {
+            let r = self.get(0, &format!("/job/{id}")).await;
+            if r["status"] == "running" {
+                break r["node"].as_str().unwrap().to_owned();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "never ran: {r}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut names = vec![];
+        for k in 0..self.urls.len() {
+            names.push(self.name(k).await);
+        }
+        (
+            names.iter().position(|n| *n == node).unwrap(),
+            names.iter().position(|n| *n != node).unwrap(),
+        )
     }
 
     async fn get(&self, node: usize, path: &str) -> Value {
@@ -439,17 +468,8 @@ fn cancel_through_another_node() -> Result<(), Failed> {
     common::block_on(async {
         let c = Cluster::up(3);
         let id = c.submit(0, "0.5", 60).await;
-        let t0 = Instant::now();
-        let node = loop {
-            let r = c.get(0, &format!("/job/{id}")).await;
-            if r["status"] == "running" {
-                break r["node"].as_str().unwrap().to_owned();
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "never ran: {r}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let names = [c.name(0).await, c.name(1).await, c.name(2).await];
-        let other = names.iter().position(|n| *n != node).unwrap();
+        let (holder, other) = c.running_on(id).await;
+        let node = c.name(holder).await;
         let t = Instant::now();
         let r: Value = c
             .http
@@ -465,7 +485,6 @@ fn cancel_through_another_node() -> Result<(), Failed> {
             t.elapsed(),
             r["status"]
         );
-        let holder = names.iter().position(|n| *n == node).unwrap();
         assert_eq!(r["status"], "cancelled", "{r}");
         assert!(
             t.elapsed() < Duration::from_secs(LEASE_SECS),
@@ -486,33 +505,8 @@ fn logs_follow_live_from_any_node() -> Result<(), Failed> {
         let c = Cluster::up(3);
         let dockerfile = "FROM alpine\nCMD for i in 1 2 3 4 5 6; do echo tick-$i; sleep 1; done; \
                           echo '{\"perf\": 0.5}' > /data/perf.json\n";
-        let form = reqwest::multipart::Form::new().part(
-            "file",
-            reqwest::multipart::Part::bytes(dockerfile.as_bytes().to_vec())
-                .file_name("ticks.Dockerfile"),
-        );
-        let r: Value = c
-            .http
-            .post(format!("{}/job/build", c.urls[0]))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = r["id"].as_i64().unwrap();
-        let t0 = Instant::now();
-        let node = loop {
-            let r = c.get(0, &format!("/job/{id}")).await;
-            if r["status"] == "running" {
-                break r["node"].as_str().unwrap().to_owned();
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "never ran: {r}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let names = [c.name(0).await, c.name(1).await, c.name(2).await];
-        let other = names.iter().position(|n| *n != node).unwrap();
+        let id = c.submit_dockerfile(0, dockerfile).await;
+        let (_, other) = c.running_on(id).await;
         let mut resp = c
             .http
             .get(format!("{}/job/{id}/logs?follow=1", c.urls[other]))
