@@ -152,7 +152,9 @@ fn simulate(pg: &Postgres, db: &str, n: usize, jobs: usize) -> SimResult {
     )
     .unwrap();
     for _ in 0..jobs {
-        store.insert(&job(), usize::MAX, &mut |_| Ok(())).unwrap();
+        store
+            .insert(&job(), usize::MAX.into(), &mut |_| Ok(()))
+            .unwrap();
     }
     let go = std::env::temp_dir().join(format!("perfbox-bench-go-{}-{db}", std::process::id()));
     let _ = std::fs::remove_file(&go);

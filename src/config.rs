@@ -12,14 +12,114 @@ use crate::sandbox::runtime::RuntimeKind;
 /// The default config file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/perfbox/config.toml";
 
-/// One API token and the name its jobs are filed under.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One API token and the name its jobs are filed under. The token is kept as its SHA-256
+/// (`sha256`, what `perfbox token new` prints), or, for compatibility, in clear (`token`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Token {
     /// Owner name (shown in job records).
     pub name: String,
-    /// The bearer token.
-    pub token: String,
+    /// The bearer token in clear (discouraged: anyone who reads the config can use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The SHA-256 of the bearer token, 64 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl Token {
+    /// A token given in clear.
+    pub fn clear(name: &str, token: &str) -> Self {
+        Self {
+            name: name.into(),
+            token: Some(token.into()),
+            sha256: None,
+        }
+    }
+
+    /// The SHA-256 a presented token must hash to (None if the entry is invalid; see
+    /// [`Config::validate`]).
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        use sha2::Digest;
+        match (&self.token, &self.sha256) {
+            (Some(t), None) => Some(sha2::Sha256::digest(t.as_bytes()).into()),
+            (None, Some(h)) => hex::decode(h.trim()).ok()?.try_into().ok(),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+/// TLS on the API (`[tls]`): PEM files, read at start and again on SIGHUP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain (server certificate first).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Both files, when TLS is on.
+    pub fn paths(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert.as_deref()?, self.key.as_deref()?))
+    }
+}
+
+/// What one owner (a token, or a client address without tokens) may take (`[quotas]`). Build
+/// slots per owner are `build.max_builds_per_owner`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quotas {
+    /// Submissions per minute (a token bucket of this size, refilled evenly): 429 past it.
+    pub submissions_per_minute: u32,
+    /// Jobs of one owner waiting at once: 429 past it.
+    pub queued_per_owner: usize,
+    /// Runs of one owner at once (on each node); its other built jobs wait their turn.
+    pub runs_per_owner: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            submissions_per_minute: 60,
+            queued_per_owner: 100,
+            runs_per_owner: 2,
+        }
+    }
+}
+
+/// How the API treats connections (`[http]`): slow or idle clients are cut off, never a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Time for a client to finish its TLS handshake and send a request's headers.
+    pub header_timeout_secs: u64,
+    /// Time from a request's headers to the start of its answer (its body must arrive within
+    /// it): 408 past it. Streamed answers (`logs?follow=1`) are not cut once started.
+    pub request_timeout_secs: u64,
+    /// Connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 10,
+            request_timeout_secs: 60,
+            max_connections: 512,
+        }
+    }
 }
 
 /// Network for RUN steps of builds.
@@ -160,6 +260,14 @@ pub struct Config {
     pub limits: Limits,
     /// API tokens; empty = no authentication.
     pub tokens: Vec<Token>,
+    /// Serve a non-loopback `bind` with no tokens (anyone who reaches it may run jobs).
+    pub allow_anonymous_public: bool,
+    /// TLS on the API.
+    pub tls: TlsFiles,
+    /// Per-owner quotas.
+    pub quotas: Quotas,
+    /// Connection hygiene.
+    pub http: HttpLimits,
     /// The job store: None for the embedded SQLite file in `state_dir`; a `postgres://` URL for
     /// a PostgreSQL database that several perfbox nodes share (see docs/scaling.md).
     pub database_url: Option<String>,
@@ -197,6 +305,10 @@ impl Default for Config {
             build: BuildIsolation::default(),
             limits: Limits::default(),
             tokens: vec![],
+            allow_anonymous_public: false,
+            tls: TlsFiles::default(),
+            quotas: Quotas::default(),
+            http: HttpLimits::default(),
             database_url: None,
             node_url: None,
             lease_secs: 60,
@@ -326,6 +438,31 @@ pub const OPTIONS: &[Opt] = &[
     opt("limits.data_bytes", "PERFBOX_DATA_BYTES", None),
     opt("limits.data_files", "PERFBOX_DATA_FILES", None),
     opt("tokens", "PERFBOX_TOKENS", None),
+    opt(
+        "allow_anonymous_public",
+        "PERFBOX_ALLOW_ANONYMOUS_PUBLIC",
+        None,
+    ),
+    opt("tls.cert", "PERFBOX_TLS_CERT", Some("tls-cert")),
+    opt("tls.key", "PERFBOX_TLS_KEY", Some("tls-key")),
+    opt(
+        "quotas.submissions_per_minute",
+        "PERFBOX_SUBMISSIONS_PER_MINUTE",
+        None,
+    ),
+    opt("quotas.queued_per_owner", "PERFBOX_QUEUED_PER_OWNER", None),
+    opt("quotas.runs_per_owner", "PERFBOX_RUNS_PER_OWNER", None),
+    opt(
+        "http.header_timeout_secs",
+        "PERFBOX_HEADER_TIMEOUT_SECS",
+        None,
+    ),
+    opt(
+        "http.request_timeout_secs",
+        "PERFBOX_REQUEST_TIMEOUT_SECS",
+        None,
+    ),
+    opt("http.max_connections", "PERFBOX_MAX_CONNECTIONS", None),
     opt("database_url", "PERFBOX_DATABASE_URL", Some("database-url")),
     opt("node_url", "PERFBOX_NODE_URL", None),
     opt("lease_secs", "PERFBOX_LEASE_SECS", None),
@@ -363,8 +500,11 @@ fn value_like(
                 .map(|pair| {
                     let (name, token) = pair
                         .split_once('=')
-                        .ok_or("expected name=token[,name=token...]")?;
-                    Ok(serde_json::json!({ "name": name, "token": token }))
+                        .ok_or("expected name=token[,name=sha256:<hex>...]")?;
+                    Ok(match token.strip_prefix("sha256:") {
+                        Some(hash) => serde_json::json!({ "name": name, "sha256": hash }),
+                        None => serde_json::json!({ "name": name, "token": token }),
+                    })
                 })
                 .collect::<Result<_, String>>()?,
         ),
@@ -475,12 +615,94 @@ impl Config {
             ));
         }
         self.source_policy()?;
-        if self.tokens.iter().any(|t| t.token.len() < 8) {
+        self.validate_tokens()?;
+        if self.quotas.submissions_per_minute == 0
+            || self.quotas.queued_per_owner == 0
+            || self.quotas.runs_per_owner == 0
+        {
             return Err(ConfigError::Invalid(
-                "every token must be at least 8 characters".into(),
+                "every [quotas] value must be >= 1".into(),
             ));
         }
+        if self.http.header_timeout_secs == 0
+            || self.http.request_timeout_secs == 0
+            || self.http.max_connections == 0
+        {
+            return Err(ConfigError::Invalid(
+                "every [http] value must be >= 1".into(),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "[tls] needs both cert and key (PEM files)".into(),
+            ));
+        }
+        let addr: std::net::SocketAddr = self.bind.parse().map_err(|e| {
+            ConfigError::Invalid(format!("bind {:?} is not ip:port: {e}", self.bind))
+        })?;
+        if !addr.ip().is_loopback() && self.tokens.is_empty() && !self.allow_anonymous_public {
+            return Err(ConfigError::Invalid(format!(
+                "bind {addr} is not a loopback address and no tokens are configured: anyone who \
+                 can reach it could run code on this machine. Either configure tokens \
+                 ([[tokens]]; `perfbox token new NAME` makes one), or set \
+                 allow_anonymous_public = true if an open service is really meant (README: \
+                 \"Exposing perfbox on a VM\")"
+            )));
+        }
         Ok(())
+    }
+
+    fn validate_tokens(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.tokens {
+            let invalid = |why: &str| ConfigError::Invalid(format!("token {:?}: {why}", t.name));
+            if t.name.trim().is_empty() {
+                return Err(ConfigError::Invalid("every token needs a name".into()));
+            }
+            match (&t.token, &t.sha256) {
+                (Some(clear), None) if clear.len() < 8 => {
+                    return Err(invalid("a token must be at least 8 characters"));
+                }
+                (Some(_), None) => {}
+                (None, Some(_)) if t.digest().is_none() => {
+                    return Err(invalid("sha256 must be 64 hex digits"));
+                }
+                (None, Some(_)) => {}
+                _ => return Err(invalid("give exactly one of sha256 (or, in clear, token)")),
+            }
+            if !seen.insert(t.digest()) {
+                return Err(invalid("the same token is configured twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the API serves a non-loopback address.
+    pub fn binds_publicly(&self) -> bool {
+        self.bind
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_loopback())
+    }
+
+    /// Why the API's setup is weaker than it should be, if it is: shown at start and in
+    /// `/healthz`.
+    pub fn exposure_warning(&self) -> Option<String> {
+        if !self.binds_publicly() || self.tls.paths().is_some() {
+            return None;
+        }
+        Some(if self.tokens.is_empty() {
+            format!(
+                "{} is served to the network with no tokens and no TLS \
+                 (allow_anonymous_public = true): anyone who reaches it may run jobs",
+                self.bind
+            )
+        } else {
+            format!(
+                "{} is served to the network without TLS: bearer tokens cross it in clear \
+                 (set [tls] cert and key, or put a TLS proxy in front and bind to loopback)",
+                self.bind
+            )
+        })
     }
 }
 
@@ -693,7 +915,10 @@ mod example_tests {
                             format!("{prefix}.{k}")
                         };
                         // Tables of the file whose members are options of their own.
-                        if matches!(path.as_str(), "build" | "limits") {
+                        if matches!(
+                            path.as_str(),
+                            "build" | "limits" | "tls" | "quotas" | "http"
+                        ) {
                             leaves(v, &path, out);
                         } else {
                             out.push(path);

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use perfbox::api::serve::{ServeOptions, TlsState as ApiTls};
 use perfbox::buildkit::BuildkitClient;
 use perfbox::config::Config;
 use perfbox::jobs::service::{Deps, build_cgroups_for};
@@ -122,6 +123,12 @@ enum Command {
         )]
         state_dir: PathBuf,
     },
+    /// API tokens: `new NAME` makes one; `hash NAME` reads one from stdin. Both print the
+    /// `[[tokens]]` lines for the config, which keep only the token's SHA-256.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// (internal) Print the allocated bytes and entries below DIR: how the service measures what
     /// a build's RUN steps wrote, run inside the build daemon's user namespace.
     #[command(hide = true)]
@@ -129,6 +136,65 @@ enum Command {
         /// The directory.
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a fresh token (256 random bits): the token on stdout's first line, then the config
+    /// lines.
+    New {
+        /// The owner name its jobs are filed under.
+        name: String,
+    },
+    /// The config lines for an existing token, read from stdin.
+    Hash {
+        /// The owner name its jobs are filed under.
+        name: String,
+    },
+}
+
+/// `perfbox token new|hash`.
+fn token_command(action: TokenAction) -> Result<()> {
+    use base64::Engine;
+    use sha2::Digest;
+    let (name, token, fresh) = match action {
+        TokenAction::New { name } => {
+            let mut bytes = [0u8; 32];
+            getrandom::getrandom(&mut bytes)
+                .map_err(|e| anyhow::anyhow!("no randomness from the kernel: {e}"))?;
+            let t = format!(
+                "pbx_{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+            );
+            (name, t, true)
+        }
+        TokenAction::Hash { name } => {
+            let mut t = String::new();
+            std::io::stdin().read_line(&mut t)?;
+            (name, t.trim().to_owned(), false)
+        }
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c))
+    {
+        bail!("a token name is 1-64 of A-Z a-z 0-9 . _ @ -, got {name:?}");
+    }
+    if token.len() < 8 {
+        bail!("a token must be at least 8 characters");
+    }
+    let sha = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    if fresh {
+        println!("{token}");
+        eprintln!(
+            "# the token above is shown once and stored nowhere: give it to {name}.\n\
+             # Add these lines to the config (/etc/perfbox/config.toml), then restart perfbox:"
+        );
+    }
+    println!("[[tokens]]\nname = \"{name}\"\nsha256 = \"{sha}\"");
+    Ok(())
 }
 
 /// `perfbox serve`'s arguments: `--config FILE`, and a flag for each option of
@@ -190,21 +256,36 @@ struct ClientArgs {
     /// Bearer token.
     #[arg(long, env = "PERFBOX_TOKEN")]
     token: Option<String>,
+    /// Trust this CA certificate (PEM) for an https:// URL, besides the system's.
+    #[arg(long, env = "PERFBOX_CACERT", value_name = "PEM")]
+    cacert: Option<PathBuf>,
 }
 
 impl ClientArgs {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = reqwest::Client::new()
+    fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder> {
+        let mut client = reqwest::Client::builder();
+        if let Some(path) = &self.cacert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read --cacert {}", path.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--cacert {}: not PEM certificates", path.display()))?
+            {
+                client = client.add_root_certificate(cert);
+            }
+        }
+        let req = client
+            .build()
+            .context("cannot set up the HTTP client")?
             .request(method, format!("{}{path}", self.url.trim_end_matches('/')));
-        match &self.token {
+        Ok(match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
-        }
+        })
     }
 
     async fn json(&self, path: &str) -> Result<serde_json::Value> {
         let resp = self
-            .request(reqwest::Method::GET, path)
+            .request(reqwest::Method::GET, path)?
             .send()
             .await
             .with_context(|| format!("cannot reach {}", self.url))?;
@@ -261,6 +342,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Keygen { state_dir } => audit_cmd::keygen(&state_dir),
+        Command::Token { action } => token_command(action),
         Command::Status { id, client } => {
             println!(
                 "{}",
@@ -278,7 +360,7 @@ async fn main() -> Result<()> {
         Command::Logs { id, follow, client } => {
             let path = format!("/job/{id}/logs{}", if follow { "?follow=1" } else { "" });
             let resp = client
-                .request(reqwest::Method::GET, &path)
+                .request(reqwest::Method::GET, &path)?
                 .send()
                 .await
                 .context("cannot reach the service")?;
@@ -368,15 +450,39 @@ async fn serve(args: ServeArgs) -> Result<()> {
     })
     .await
     .context("job service")?;
+    // TLS first: a certificate that cannot be read stops the start, before any job is touched.
+    let tls = match cfg.tls.paths() {
+        Some((cert, key)) => Some(ApiTls::new(cert, key).context("[tls]")?),
+        None => None,
+    };
+    if let Some(warning) = cfg.exposure_warning() {
+        tracing::warn!("{warning}");
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    tracing::info!(%addr, state_dir = %cfg.state_dir.display(), "perfbox listening");
-    axum::serve(
-        listener,
-        perfbox::api::router(jobs).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async {
+    if let Some(tls) = tls.clone() {
+        // SIGHUP: read the certificate and key again (renewals); running jobs and open
+        // connections are not touched, and a bad pair keeps the one in force.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: {e}; the certificate in force stays"),
+                }
+            }
+        });
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, state_dir = %cfg.state_dir.display(), "perfbox listening");
+    let opts = ServeOptions {
+        header_timeout: Duration::from_secs(cfg.http.header_timeout_secs),
+        request_timeout: Duration::from_secs(cfg.http.request_timeout_secs),
+        max_connections: cfg.http.max_connections,
+    };
+    let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
@@ -384,8 +490,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             _ = term.recv() => {},
         }
         tracing::info!("shutting down");
-    })
-    .await?;
+    };
+    perfbox::api::serve::serve(listener, perfbox::api::router(jobs), tls, &opts, shutdown).await?;
     Ok(())
 }
 
@@ -412,7 +518,7 @@ async fn submit(
         form = form.text("target", t);
     }
     let resp = client
-        .request(reqwest::Method::POST, "/job/build")
+        .request(reqwest::Method::POST, "/job/build")?
         .multipart(form)
         .send()
         .await

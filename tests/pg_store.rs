@@ -76,7 +76,7 @@ fn notices_reach_other_nodes() -> Result<(), Failed> {
     let mut heard = b.notices().unwrap();
     std::thread::sleep(Duration::from_millis(300)); // b's LISTEN is in place
     while heard.try_recv().is_ok() {}
-    let id = a.insert(&job(), 10, &mut |_| Ok(())).unwrap().id;
+    let id = a.insert(&job(), 10.into(), &mut |_| Ok(())).unwrap().id;
     let took = wait_notice(&mut heard, &Notice::Work);
     eprintln!("a submission on node a woke node b in {took:?}");
     a.request_cancel(id).unwrap();
@@ -90,7 +90,12 @@ fn a_restarted_server_loses_nothing() -> Result<(), Failed> {
     let store = fresh();
     let mut heard = store.notices().unwrap();
     let before: Vec<i64> = (0..5)
-        .map(|_| store.insert(&job(), 100, &mut |_| Ok(())).unwrap().id)
+        .map(|_| {
+            store
+                .insert(&job(), 100.into(), &mut |_| Ok(()))
+                .unwrap()
+                .id
+        })
         .collect();
     let c = Claim {
         node: "n1",
@@ -127,7 +132,10 @@ fn a_restarted_server_loses_nothing() -> Result<(), Failed> {
         )
         .unwrap();
     while heard.try_recv().is_ok() {}
-    let id = store.insert(&job(), 100, &mut |_| Ok(())).unwrap().id;
+    let id = store
+        .insert(&job(), 100.into(), &mut |_| Ok(()))
+        .unwrap()
+        .id;
     wait_notice(&mut heard, &Notice::Work);
     assert_eq!(id, before[4] + 1, "one id sequence, no reuse");
     Ok(())
@@ -142,7 +150,9 @@ fn many_nodes_never_claim_a_job_twice() -> Result<(), Failed> {
         .map(|_| Arc::new(PgStore::open(&server().url(&db)).unwrap()))
         .collect();
     for _ in 0..400 {
-        stores[0].insert(&job(), 1000, &mut |_| Ok(())).unwrap();
+        stores[0]
+            .insert(&job(), 1000.into(), &mut |_| Ok(()))
+            .unwrap();
     }
     let claimed: Vec<i64> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..16)

@@ -7,6 +7,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use crate::jobs::{BuildOptions, JobId, JobRecord, JobService, JobStatus, Owner};
@@ -55,9 +56,16 @@ impl FromRequestParts<JobService> for Submitter {
         let presented = header.strip_prefix("Bearer ").ok_or_else(|| {
             ApiError::Unauthorized("Authorization must be: Bearer <token>".into())
         })?;
-        tokens
-            .iter()
-            .find(|t| constant_time_eq(t.token.as_bytes(), presented.trim().as_bytes()))
+        // Tokens are compared as SHA-256 digests (the config keeps only those), each one in
+        // constant time and all of them every time.
+        let presented: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+        let mut found = None;
+        for t in tokens {
+            if t.digest().is_some_and(|d| constant_time_eq(&d, &presented)) {
+                found = Some(t);
+            }
+        }
+        found
             .map(|t| Submitter {
                 owner: Some(t.name.clone()),
                 name: t.name.clone(),
@@ -66,8 +74,8 @@ impl FromRequestParts<JobService> for Submitter {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A job id from the path.

@@ -20,6 +20,7 @@
 mod error;
 mod handlers;
 mod logs;
+pub mod serve;
 #[cfg(test)]
 mod tests;
 

@@ -355,13 +355,14 @@ async fn health_and_metrics() {
 async fn tokens_are_required_and_owners_see_only_their_jobs() {
     let h = fake_service(|c| {
         c.tokens = vec![
-            crate::config::Token {
-                name: "alice".into(),
-                token: "alice-secret-1".into(),
-            },
+            crate::config::Token::clear("alice", "alice-secret-1"),
+            // bob's is kept hashed, as `perfbox token new` prints it: sha256("bob-secret-22").
             crate::config::Token {
                 name: "bob".into(),
-                token: "bob-secret-22".into(),
+                token: None,
+                sha256: Some(
+                    "416b11aaf26760a8cc99fa15978ff9be2396347b01beb743d9f8b83f07716ea5".into(),
+                ),
             },
         ];
     })

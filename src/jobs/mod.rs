@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod pg_store;
 pub mod pipeline;
+pub mod quota;
 pub mod receipt;
 pub mod runner;
 pub mod service;
@@ -68,6 +69,28 @@ pub enum JobError {
     /// The queue is full.
     #[error("the job queue is full ({0} jobs waiting); try again later")]
     QueueFull(i64),
+    /// The submitter has as many jobs waiting as one may.
+    #[error(
+        "{queued} of your jobs are already waiting, as many as one submitter may queue \
+         (quotas.queued_per_owner = {max}); submit again when one has started"
+    )]
+    OwnerQueueFull {
+        /// Their waiting jobs.
+        queued: i64,
+        /// The quota.
+        max: usize,
+    },
+    /// The submitter sent more submissions than its rate allows.
+    #[error(
+        "more than {per_minute} submissions per minute (quotas.submissions_per_minute); \
+         try again in {retry_after_secs} s"
+    )]
+    RateLimited {
+        /// The quota.
+        per_minute: u32,
+        /// When the next submission is allowed.
+        retry_after_secs: u64,
+    },
     /// The submission asks for something not allowed (bad build arg, target...).
     #[error("{0}")]
     InvalidRequest(String),

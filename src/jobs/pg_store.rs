@@ -32,8 +32,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::JobStatus;
 use super::store::{
-    COLUMNS, Claim, Holder, JobId, JobRecord, NewJob, NodeInfo, Notice, Patch, Store, StoreError,
-    col, refusal,
+    COLUMNS, Claim, Holder, JobId, JobRecord, NewJob, NodeInfo, Notice, Patch, QueueCaps, Store,
+    StoreError, col, refusal,
 };
 
 /// The database's clock, in Unix seconds.
@@ -429,25 +429,29 @@ impl Store for PgStore {
     fn insert(
         &self,
         job: &NewJob<'_>,
-        max_queued: usize,
+        caps: QueueCaps,
         prepare: &mut dyn FnMut(JobId) -> std::io::Result<()>,
     ) -> Result<JobRecord, StoreError> {
-        // The cap is checked before the id is taken: nodes inserting at the same moment may
-        // pass it by a few jobs (a soft cap), never by more than the nodes inserting at once.
-        let (queued, id) = self.call(|c| async move {
+        // The caps are checked before the id is taken: nodes inserting at the same moment may
+        // pass them by a few jobs (soft caps), never by more than the nodes inserting at once.
+        let who = job.submitter.to_owned();
+        let (queued, mine, id) = self.call(|c| async move {
             let row = c
                 .query_one(
-                    "SELECT (SELECT count(*) FROM jobs WHERE status = 'queued'),
-                            nextval(pg_get_serial_sequence('jobs', 'id'))",
-                    &[],
+                    "SELECT count(*), count(*) FILTER (WHERE coalesce(submitter, owner, '') = $1),
+                            nextval(pg_get_serial_sequence('jobs', 'id'))
+                     FROM jobs WHERE status = 'queued'",
+                    &[&who],
                 )
                 .await
                 .map_err(pg)?;
-            Ok((row.get::<_, i64>(0), row.get::<_, i64>(1)))
+            Ok((
+                row.get::<_, i64>(0),
+                row.get::<_, i64>(1),
+                row.get::<_, i64>(2),
+            ))
         })?;
-        if queued >= i64::try_from(max_queued).unwrap_or(i64::MAX) {
-            return Err(StoreError::QueueFull(queued));
-        }
+        caps.check(queued, mine)?;
         prepare(id).map_err(StoreError::Prepare)?;
         let (filename, owner, submitter, sha) = (
             job.filename.to_owned(),
@@ -638,8 +642,10 @@ impl Store for PgStore {
                 &c,
                 &format!(
                         "WITH busy AS MATERIALIZED (
-                            SELECT coalesce(submitter, owner, '') AS who, count(*) AS n
-                            FROM jobs WHERE slot = 'build' GROUP BY 1)
+                            SELECT coalesce(submitter, owner, '') AS who,
+                                   count(*) FILTER (WHERE slot = 'build') AS n,
+                                   count(*) AS active
+                            FROM jobs WHERE status IN ('building', 'running') GROUP BY 1)
                          UPDATE jobs SET status = 'building', build_started_at = {NOW}, slot = 'build',
                                 claimed_by = $1, lease_until = {NOW} + $4, attempt = attempt + 1
                          WHERE status = 'queued' AND id = (
@@ -649,7 +655,9 @@ impl Store for PgStore {
                                    WHERE b.slot = 'build' AND b.claimed_by = $1) < $2
                               AND coalesce((SELECT n FROM busy
                                    WHERE who = coalesce(j.submitter, j.owner, '')), 0) < $3
-                            ORDER BY j.id LIMIT 1
+                            ORDER BY coalesce((SELECT active FROM busy
+                                   WHERE who = coalesce(j.submitter, j.owner, '')), 0), j.id
+                            LIMIT 1
                             FOR UPDATE OF j SKIP LOCKED)
                          RETURNING {}",
                         *COLUMNS

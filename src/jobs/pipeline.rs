@@ -89,8 +89,16 @@ impl JobService {
         let build = build.and_then(|b| serde_json::to_value(b).ok());
         let (status, mut patch) = match image {
             Ok(image) => {
-                self.run_image(rec.id, &dir, image, build.clone(), cancel)
-                    .await
+                let owner = rec.submitter.clone().or_else(|| rec.owner.clone());
+                self.run_image(
+                    rec.id,
+                    owner.as_deref().unwrap_or(""),
+                    &dir,
+                    image,
+                    build.clone(),
+                    cancel,
+                )
+                .await
             }
             Err((status, error)) => (status, Patch::default().with_error(error)),
         };
@@ -338,17 +346,24 @@ impl JobService {
         ))
     }
 
-    /// Phases 2 and 3: wait for a run slot, run the image, and map what happened to the job's
-    /// end.
+    /// Phases 2 and 3: wait for one of the owner's run slots (`quotas.runs_per_owner`), then
+    /// for a run slot, run the image, and map what happened to the job's end.
     async fn run_image(
         &self,
         id: JobId,
+        owner: &str,
         dir: &JobDir,
         image: Image,
         build: Option<serde_json::Value>,
         cancel: &CancellationToken,
     ) -> (JobStatus, Patch) {
         let ending = |status, error: String| (status, Patch::default().with_error(error));
+        let owner_permit = tokio::select! {
+            p = self.inner.owner_runs.acquire(owner) => p,
+            _ = cancel.cancelled() => {
+                return ending(JobStatus::Cancelled, "cancelled by request before the run".into());
+            }
+        };
         let run_permit = tokio::select! {
             p = self.inner.run_slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -389,6 +404,7 @@ impl JobService {
             .start(prepared, cancel.child_token())
             .await;
         drop(run_permit);
+        drop(owner_permit);
         drop(image.lease);
         self.inner.metrics.observe("run", started.elapsed());
         let report = match report {

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Holder, NewJob, NodeInfo, Notice};
+use super::store::{Holder, NewJob, NodeInfo, Notice, QueueCaps};
 use super::{
     BuildOptions, JobDir, JobError, JobId, JobRecord, JobStatus, Owner, Patch, Runner, Store,
     StoreError, images, metrics,
@@ -49,6 +49,10 @@ pub(super) struct Inner {
     /// Wakes the worker: a job was queued, or a build slot freed.
     pub(super) wake: Notify,
     pub(super) run_slots: Arc<Semaphore>,
+    /// Each owner's runs at once on this node.
+    pub(super) owner_runs: super::quota::OwnerSlots,
+    /// Each owner's submissions per minute (on this node).
+    rate: super::quota::RateLimiter,
     /// What every build may fetch.
     pub(super) policy: SourcePolicy,
     /// Where builds get cgroups of their own.
@@ -100,6 +104,23 @@ pub struct Health {
     /// This node: its name (instance id) and store (`sqlite`, or `postgresql` shared with
     /// the nodes of `GET /nodes`).
     pub node: NodeHealth,
+    /// How the API is exposed.
+    pub api: ApiHealth,
+}
+
+/// The API's exposure, in [`Health`].
+#[derive(Debug, serde::Serialize)]
+pub struct ApiHealth {
+    /// The listen address.
+    pub bind: String,
+    /// Whether the API speaks TLS.
+    pub tls: bool,
+    /// Whether callers need a token.
+    pub tokens: bool,
+    /// What is weaker than it should be (tokens in clear on the network, an open service).
+    pub warning: Option<String>,
+    /// Per-owner quotas in force.
+    pub quotas: crate::config::Quotas,
 }
 
 /// This node, in [`Health`].
@@ -191,6 +212,8 @@ impl JobService {
             receipt_key,
             wake: Notify::new(),
             run_slots: Arc::new(Semaphore::new(cfg.max_concurrent_runs)),
+            owner_runs: super::quota::OwnerSlots::new(cfg.quotas.runs_per_owner),
+            rate: super::quota::RateLimiter::new(cfg.quotas.submissions_per_minute),
             policy,
             build_cgroups,
             live_build_cgroups: Mutex::new(HashMap::new()),
@@ -407,16 +430,34 @@ impl JobService {
             dockerfile_sha256: &sha,
             files: &files,
         };
+        // Only a submission that would be queued counts against the rate.
+        let rate = &self.inner.rate;
+        rate.take(submitter, std::time::Instant::now())
+            .map_err(|wait| JobError::RateLimited {
+                per_minute: rate.per_minute(),
+                retry_after_secs: wait.as_secs_f64().ceil() as u64,
+            })?;
+        let caps = QueueCaps {
+            total: self.inner.cfg.max_queued_jobs,
+            per_submitter: self.inner.cfg.quotas.queued_per_owner,
+        };
         // The job's directory is written before the job is visible to any worker; if that fails
         // there is no job.
         let rec = self
             .inner
             .store
-            .insert(&new, self.inner.cfg.max_queued_jobs, &mut |id| {
+            .insert(&new, caps, &mut |id| {
                 let dir = self.job_dir(id);
                 dir.create(dockerfile, options).inspect_err(|_| {
                     let _ = std::fs::remove_dir_all(dir.path());
                 })
+            })
+            .map_err(|e| match e {
+                StoreError::OwnerQueueFull(queued) => JobError::OwnerQueueFull {
+                    queued,
+                    max: caps.per_submitter,
+                },
+                e => e.into(),
             })?;
         self.inner.wake.notify_one();
         Ok(rec)
@@ -608,8 +649,17 @@ impl JobService {
             },
             lease_secs: self.inner.lease.as_secs(),
         };
+        let cfg = &self.inner.cfg;
+        let api = ApiHealth {
+            bind: cfg.bind.clone(),
+            tls: cfg.tls.paths().is_some(),
+            tokens: !cfg.tokens.is_empty(),
+            warning: cfg.exposure_warning(),
+            quotas: cfg.quotas.clone(),
+        };
         Health {
             node,
+            api,
             ok: buildkit.is_ok() && runtime.is_ok() && state_dir.is_ok(),
             buildkit: Check::new(buildkit, false),
             runtime: Check::new(runtime, false),

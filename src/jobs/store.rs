@@ -9,7 +9,10 @@
 //! [`Store::claim`]s a job in one transaction, which moves it to `building`, takes a build slot for
 //! it (`slot = 'build'`), and stamps it with the claiming node and a lease that the node renews
 //! ([`Store::renew`]). A claim respects the node's build slots and the owner's share of them
-//! (jobs of an owner already holding its share are passed over, FIFO otherwise). After a restart,
+//! (jobs of an owner already holding its share are passed over), and takes turns between owners:
+//! the owner with the fewest jobs building or running goes first, FIFO among equals and within
+//! an owner — so an owner who floods the queue delays another's next job by one job's turn at
+//! most. An insert respects [`QueueCaps`]. After a restart,
 //! the jobs a node held, and any whose lease ran out, are found by [`Store::stale`].
 //!
 //! The record is declared once ([`NAMES`], read by [`JobRecord::from_row`] at indices found at
@@ -347,6 +350,39 @@ pub struct NewJob<'a> {
     pub files: &'a [(&'a str, &'a [u8])],
 }
 
+/// How many jobs may wait: in all, and of one submitter (`NewJob::submitter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCaps {
+    /// Jobs waiting in all.
+    pub total: usize,
+    /// Jobs of one submitter waiting.
+    pub per_submitter: usize,
+}
+
+impl From<usize> for QueueCaps {
+    /// `total` waiting jobs, any number of them one submitter's.
+    fn from(total: usize) -> Self {
+        Self {
+            total,
+            per_submitter: usize::MAX,
+        }
+    }
+}
+
+impl QueueCaps {
+    /// The refusal for a queue holding `queued` jobs, `mine` of them the submitter's.
+    pub fn check(&self, queued: i64, mine: i64) -> Result<(), StoreError> {
+        let cap = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        if queued >= cap(self.total) {
+            return Err(StoreError::QueueFull(queued));
+        }
+        if mine >= cap(self.per_submitter) {
+            return Err(StoreError::OwnerQueueFull(mine));
+        }
+        Ok(())
+    }
+}
+
 /// A perfbox process working from the store.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct NodeInfo {
@@ -408,6 +444,9 @@ pub enum StoreError {
     /// The queue holds as many jobs as allowed.
     #[error("the queue is full ({0} jobs waiting)")]
     QueueFull(i64),
+    /// The submitter has as many jobs waiting as one submitter may.
+    #[error("{0} of your jobs are already waiting")]
+    OwnerQueueFull(i64),
     /// Putting a new job's files in place failed; it was not recorded.
     #[error("cannot store the job's files: {0}")]
     Prepare(std::io::Error),
@@ -438,13 +477,14 @@ impl StoreError {
 
 /// What the job service needs of a database. Every method is one transaction.
 pub trait Store: Send + Sync {
-    /// Record a new queued job, unless `max_queued` jobs already wait. `prepare` runs with the
+    /// Record a new queued job, unless the queue or the submitter's share of it is full (see
+    /// [`QueueCaps`]). `prepare` runs with the
     /// new id before the job becomes visible (its files go in place there); if it fails, no job
     /// is recorded.
     fn insert(
         &self,
         job: &NewJob<'_>,
-        max_queued: usize,
+        caps: QueueCaps,
         prepare: &mut dyn FnMut(JobId) -> std::io::Result<()>,
     ) -> Result<JobRecord, StoreError>;
     /// One job.
@@ -665,19 +705,18 @@ impl Store for SqliteStore {
     fn insert(
         &self,
         job: &NewJob<'_>,
-        max_queued: usize,
+        caps: QueueCaps,
         prepare: &mut dyn FnMut(JobId) -> std::io::Result<()>,
     ) -> Result<JobRecord, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let queued: i64 = tx.query_row(
-            "SELECT count(*) FROM jobs WHERE status = 'queued'",
-            [],
-            |r| r.get(0),
+        let (queued, mine): (i64, i64) = tx.query_row(
+            "SELECT count(*), count(*) FILTER (WHERE coalesce(submitter, owner, '') = ?1)
+             FROM jobs WHERE status = 'queued'",
+            [job.submitter],
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        if queued >= i64::try_from(max_queued).unwrap_or(i64::MAX) {
-            return Err(StoreError::QueueFull(queued));
-        }
+        caps.check(queued, mine)?;
         tx.execute(
             "INSERT INTO jobs (filename, owner, submitter, status, dockerfile_sha256, created_at)
              VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
@@ -858,7 +897,10 @@ impl Store for SqliteStore {
                    AND (SELECT count(*) FROM jobs b WHERE b.slot = 'build' AND b.claimed_by = ?1) < ?2
                    AND (SELECT count(*) FROM jobs b WHERE b.slot = 'build'
                           AND coalesce(b.submitter, b.owner, '') = coalesce(j.submitter, j.owner, '')) < ?3
-                 ORDER BY j.id LIMIT 1",
+                 ORDER BY (SELECT count(*) FROM jobs a WHERE a.status IN ('building', 'running')
+                          AND coalesce(a.submitter, a.owner, '') = coalesce(j.submitter, j.owner, '')),
+                          j.id
+                 LIMIT 1",
                 params![claim.node, claim.build_slots as i64, claim.per_owner as i64],
                 |r| r.get(0),
             )
@@ -1031,8 +1073,8 @@ mod tests {
             files: &[],
         };
         let store = SqliteStore::open(&path).unwrap();
-        let a = store.insert(&job, 10, &mut { ok }).unwrap();
-        store.insert(&job, 10, &mut { ok }).unwrap();
+        let a = store.insert(&job, 10.into(), &mut { ok }).unwrap();
+        store.insert(&job, 10.into(), &mut { ok }).unwrap();
         store
             .transition(a.id, JobStatus::Cancelled, Patch::default())
             .unwrap();
@@ -1042,7 +1084,7 @@ mod tests {
             store.get(a.id).unwrap().unwrap().status,
             JobStatus::Cancelled
         );
-        assert_eq!(store.insert(&job, 10, &mut { ok }).unwrap().id, 3);
+        assert_eq!(store.insert(&job, 10.into(), &mut { ok }).unwrap().id, 3);
         assert_eq!(store.queue_depth().unwrap(), 2);
     }
 

@@ -82,13 +82,13 @@ pub fn a_failed_prepare_records_nothing(new: Maker<'_>) {
     let store = new();
     let mut fail = |_| Err(std::io::Error::other("disk full"));
     assert!(matches!(
-        store.insert(&job(None, "a"), 10, &mut fail),
+        store.insert(&job(None, "a"), 10.into(), &mut fail),
         Err(StoreError::Prepare(_))
     ));
     assert_eq!(store.count(None).unwrap(), 0);
     let mut seen = None;
     let rec = store
-        .insert(&job(None, "a"), 10, &mut |id| {
+        .insert(&job(None, "a"), 10.into(), &mut |id| {
             seen = Some(id);
             Ok(())
         })
@@ -101,10 +101,10 @@ pub fn a_failed_prepare_records_nothing(new: Maker<'_>) {
 pub fn lifecycle_guards_transitions(new: Maker<'_>) {
     let store = new();
     let a = store
-        .insert(&job(None, "addr:127.0.0.1"), 10, &mut ok)
+        .insert(&job(None, "addr:127.0.0.1"), 10.into(), &mut ok)
         .unwrap();
     let b = store
-        .insert(&job(Some("alice"), "alice"), 10, &mut ok)
+        .insert(&job(Some("alice"), "alice"), 10.into(), &mut ok)
         .unwrap();
     assert_eq!(b.submitter.as_deref(), Some("alice"));
     assert_eq!(b.id, a.id + 1);
@@ -214,10 +214,10 @@ pub fn lifecycle_guards_transitions(new: Maker<'_>) {
 /// `max_queued` waiting jobs refuse another.
 pub fn a_full_queue_refuses_inserts(new: Maker<'_>) {
     let store = new();
-    store.insert(&job(None, "a"), 2, &mut ok).unwrap();
-    store.insert(&job(None, "a"), 2, &mut ok).unwrap();
+    store.insert(&job(None, "a"), 2.into(), &mut ok).unwrap();
+    store.insert(&job(None, "a"), 2.into(), &mut ok).unwrap();
     assert!(matches!(
-        store.insert(&job(None, "a"), 2, &mut ok),
+        store.insert(&job(None, "a"), 2.into(), &mut ok),
         Err(StoreError::QueueFull(2))
     ));
     assert_eq!(store.count(None).unwrap(), 2);
@@ -228,7 +228,12 @@ pub fn claims_respect_slots_and_owner_shares(new: Maker<'_>) {
     let store = new();
     let ids: Vec<JobId> = ["slow", "slow", "slow", "other"]
         .iter()
-        .map(|who| store.insert(&job(Some(who), who), 10, &mut ok).unwrap().id)
+        .map(|who| {
+            store
+                .insert(&job(Some(who), who), 10.into(), &mut ok)
+                .unwrap()
+                .id
+        })
         .collect();
     let next = |node, slots, per_owner| {
         store
@@ -248,7 +253,7 @@ pub fn claims_respect_slots_and_owner_shares(new: Maker<'_>) {
         "the free slot stays free rather than go to slow"
     );
     let third = store
-        .insert(&job(Some("third"), "third"), 10, &mut ok)
+        .insert(&job(Some("third"), "third"), 10.into(), &mut ok)
         .unwrap()
         .id;
     assert_eq!(next("n1", 2, 1), Some(third));
@@ -269,7 +274,12 @@ pub fn claims_respect_slots_and_owner_shares(new: Maker<'_>) {
 pub fn stale_jobs(new: Maker<'_>) {
     let store = new();
     let ids: Vec<JobId> = (0..3)
-        .map(|_| store.insert(&job(None, "a"), 10, &mut ok).unwrap().id)
+        .map(|_| {
+            store
+                .insert(&job(None, "a"), 10.into(), &mut ok)
+                .unwrap()
+                .id
+        })
         .collect();
     let mut short = claim("n1", 3, 3);
     store.claim(&short).unwrap();
@@ -302,7 +312,10 @@ pub fn stale_jobs(new: Maker<'_>) {
 /// The heart of "nothing lost, nothing written twice".
 pub fn fencing(new: Maker<'_>) {
     let store = new();
-    let id = store.insert(&job(None, "a"), 10, &mut ok).unwrap().id;
+    let id = store
+        .insert(&job(None, "a"), 10.into(), &mut ok)
+        .unwrap()
+        .id;
     let mut c = claim("n1", 1, 1);
     c.lease = Duration::ZERO;
     assert_eq!(store.claim(&c).unwrap().unwrap().attempt, 1);
@@ -385,8 +398,14 @@ pub fn fencing(new: Maker<'_>) {
 /// The last attempt ends `interrupted` with the reason; a cancel asked for ends `cancelled`.
 pub fn give_up_ends(new: Maker<'_>) {
     let store = new();
-    let a = store.insert(&job(None, "a"), 10, &mut ok).unwrap().id;
-    let b = store.insert(&job(None, "a"), 10, &mut ok).unwrap().id;
+    let a = store
+        .insert(&job(None, "a"), 10.into(), &mut ok)
+        .unwrap()
+        .id;
+    let b = store
+        .insert(&job(None, "a"), 10.into(), &mut ok)
+        .unwrap()
+        .id;
     store.claim(&claim("n1", 2, 2)).unwrap();
     store.claim(&claim("n1", 2, 2)).unwrap();
     let end = store
@@ -412,8 +431,14 @@ pub fn give_up_ends(new: Maker<'_>) {
 /// `renew` extends only the node's own live claims and says which they are.
 pub fn renew_answers_held(new: Maker<'_>) {
     let store = new();
-    let a = store.insert(&job(None, "a"), 10, &mut ok).unwrap().id;
-    let b = store.insert(&job(None, "b"), 10, &mut ok).unwrap().id;
+    let a = store
+        .insert(&job(None, "a"), 10.into(), &mut ok)
+        .unwrap()
+        .id;
+    let b = store
+        .insert(&job(None, "b"), 10.into(), &mut ok)
+        .unwrap()
+        .id;
     let mut c = claim("n1", 2, 2);
     c.lease = Duration::ZERO;
     store.claim(&c).unwrap();
@@ -453,7 +478,10 @@ pub fn nodes_register(new: Maker<'_>) {
 /// A shared store keeps the submission's files and a holder's, fenced; others keep none.
 pub fn files_kept(new: Maker<'_>) {
     let store = new();
-    let id = store.insert(&job(None, "a"), 10, &mut ok).unwrap().id;
+    let id = store
+        .insert(&job(None, "a"), 10.into(), &mut ok)
+        .unwrap()
+        .id;
     if !store.shared() {
         assert!(store.files(id).unwrap().is_empty());
         return;
@@ -497,7 +525,7 @@ pub fn files_kept(new: Maker<'_>) {
 pub fn concurrent_claims(new: Maker<'_>) {
     let store: std::sync::Arc<dyn Store> = new().into();
     for _ in 0..40 {
-        store.insert(&job(None, "a"), 100, &mut ok).unwrap();
+        store.insert(&job(None, "a"), 100.into(), &mut ok).unwrap();
     }
     let claimed: Vec<JobId> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)

@@ -301,7 +301,7 @@ async fn a_restart_interrupts_what_the_service_held_and_keeps_the_rest() {
             )
         };
         for _ in 0..3 {
-            store.insert(&new, 10, &mut prepare).unwrap();
+            store.insert(&new, 10.into(), &mut prepare).unwrap();
         }
         let claim = Claim {
             node: "0badcafe",

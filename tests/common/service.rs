@@ -20,6 +20,8 @@ pub struct Service {
     env: Vec<(String, String)>,
     /// A config file for `perfbox serve --config`, if any.
     config: Option<PathBuf>,
+    /// With TLS: the CA (PEM) its certificate is checked against; curl then speaks https.
+    ca: Option<PathBuf>,
 }
 
 pub fn free_port() -> u16 {
@@ -45,11 +47,26 @@ impl Service {
         Self::start_inner(binary, tag, env, None)
     }
 
+    /// Start one serving TLS (`env` names its certificate), checked against `ca`.
+    pub fn start_tls(tag: &str, env: &[(&str, &str)], ca: PathBuf) -> Service {
+        Self::start_full(env!("CARGO_BIN_EXE_perfbox").into(), tag, env, None, Some(ca))
+    }
+
     fn start_inner(
         binary: PathBuf,
         tag: &str,
         env: &[(&str, &str)],
         config: Option<&str>,
+    ) -> Service {
+        Self::start_full(binary, tag, env, config, None)
+    }
+
+    fn start_full(
+        binary: PathBuf,
+        tag: &str,
+        env: &[(&str, &str)],
+        config: Option<&str>,
+        ca: Option<PathBuf>,
     ) -> Service {
         let dir = TestDir::new(tag);
         let config = config.map(|text| {
@@ -73,6 +90,7 @@ impl Service {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             config,
+            ca,
         };
         s.spawn();
         s
@@ -108,6 +126,11 @@ impl Service {
             .env("RUST_LOG", "perfbox=debug")
             .env("PERFBOX_RUN_TIMEOUT_SECS", "8")
             .env("PERFBOX_MEMORY_BYTES", "134217728")
+            // The suites drive each service from one client, faster and wider than one owner's
+            // default quotas allow; the quotas have trials of their own (tests/exposure.rs).
+            .env("PERFBOX_SUBMISSIONS_PER_MINUTE", "100000")
+            .env("PERFBOX_QUEUED_PER_OWNER", "100000")
+            .env("PERFBOX_RUNS_PER_OWNER", "1000")
             // The setup under test (its daemon, cgroups and BuildKit root), as scripts/services
             // passes them to the service it runs.
             .env(
@@ -150,6 +173,22 @@ impl Service {
         std::fs::read_to_string(self.dir.path().join("service.log")).unwrap_or_default()
     }
 
+    /// The perfbox process (setpriv execs it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Check its certificate against `ca` from now on (after a renewal).
+    pub fn trust(&mut self, ca: PathBuf) {
+        self.ca = Some(ca);
+    }
+
+    /// The base URL curl uses.
+    pub fn url(&self) -> String {
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             // setpriv execs perfbox, so this pid is perfbox itself.
@@ -184,8 +223,9 @@ impl Service {
         let (path, rest) = args.split_last().unwrap();
         let out = Command::new("curl")
             .args(["-sS", "-m", "30", "-w", "\n%{http_code}"])
+            .args(self.ca.iter().flat_map(|ca| [std::ffi::OsStr::new("--cacert"), ca.as_os_str()]))
             .args(rest)
-            .arg(format!("http://127.0.0.1:{}{path}", self.port))
+            .arg(format!("{}{path}", self.url()))
             .output()
             .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
