@@ -784,6 +784,99 @@ mod tests {
     }
 
     #[test]
+    fn an_open_public_service_is_refused_and_weak_exposure_warned() {
+        let public = |tokens: Vec<Token>, anon: bool, tls: bool| Config {
+            bind: "0.0.0.0:8080".into(),
+            tokens,
+            allow_anonymous_public: anon,
+            tls: if tls {
+                TlsFiles {
+                    cert: Some("/c.pem".into()),
+                    key: Some("/k.pem".into()),
+                }
+            } else {
+                TlsFiles::default()
+            },
+            ..Config::default()
+        };
+        let e = public(vec![], false, false)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("perfbox token new") && e.contains("allow_anonymous_public"),
+            "{e}"
+        );
+        let anon = public(vec![], true, false);
+        anon.validate().unwrap();
+        assert!(anon.exposure_warning().unwrap().contains("no tokens"));
+        let clear = public(vec![Token::clear("a", "secret-token")], false, false);
+        clear.validate().unwrap();
+        assert!(clear.exposure_warning().unwrap().contains("in clear"));
+        assert_eq!(
+            public(vec![Token::clear("a", "secret-token")], false, true).exposure_warning(),
+            None
+        );
+        assert_eq!(Config::default().exposure_warning(), None, "loopback");
+        let v6 = Config {
+            bind: "[::1]:8080".into(),
+            ..Config::default()
+        };
+        v6.validate().unwrap();
+        let half_tls = Config {
+            tls: TlsFiles {
+                cert: Some("/c.pem".into()),
+                key: None,
+            },
+            ..Config::default()
+        };
+        assert!(half_tls.validate().is_err());
+    }
+
+    #[test]
+    fn tokens_are_hashed_or_clear_never_both() {
+        use sha2::Digest;
+        let hashed = |h: &str| Token {
+            name: "a".into(),
+            token: None,
+            sha256: Some(h.into()),
+        };
+        let digest = hex::encode(sha2::Sha256::digest(b"secret-token"));
+        let t = hashed(&digest);
+        assert_eq!(t.digest(), Token::clear("a", "secret-token").digest());
+        let with = |tokens| Config {
+            tokens,
+            ..Config::default()
+        };
+        with(vec![t.clone()]).validate().unwrap();
+        assert!(with(vec![hashed("abc")]).validate().is_err(), "short hash");
+        assert!(with(vec![Token::clear("a", "short")]).validate().is_err());
+        let both = Token {
+            token: Some("secret-token".into()),
+            ..t.clone()
+        };
+        assert!(with(vec![both]).validate().is_err());
+        assert!(
+            with(vec![t.clone(), Token::clear("b", "secret-token")])
+                .validate()
+                .is_err(),
+            "the same token twice"
+        );
+        let env = Config::default()
+            .overridden(
+                |k| (k == "PERFBOX_TOKENS").then(|| format!("a=sha256:{digest},b=clear-token")),
+                &[],
+            )
+            .unwrap();
+        assert_eq!(env.tokens[0], t);
+        assert_eq!(env.tokens[1], Token::clear("b", "clear-token"));
+        assert!(
+            !format!("{env:?}").contains("clear-token"),
+            "clear tokens are not printed"
+        );
+    }
+
+    #[test]
     fn file_then_env_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");

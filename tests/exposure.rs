@@ -48,7 +48,11 @@ fn open_public_bind_is_refused() -> Result<(), Failed> {
     .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "it started: {err}");
-    for want in ["no tokens", "perfbox token new", "allow_anonymous_public = true"] {
+    for want in [
+        "no tokens",
+        "perfbox token new",
+        "allow_anonymous_public = true",
+    ] {
         assert!(err.contains(want), "{want:?} not in: {err}");
     }
     assert!(
@@ -184,7 +188,11 @@ fn tls_serves_and_reloads_on_sighup() -> Result<(), Failed> {
     let long_id: i64 = out.trim().parse()?;
     let auth = format!("Authorization: Bearer {token}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while s.curl(&["-H", &auth, &format!("/job/performance/{long_id}")]).1["status"] != "running" {
+    while s
+        .curl(&["-H", &auth, &format!("/job/performance/{long_id}")])
+        .1["status"]
+        != "running"
+    {
         assert!(Instant::now() < deadline, "the long job never ran");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -200,7 +208,16 @@ fn tls_serves_and_reloads_on_sighup() -> Result<(), Failed> {
     hup(&s);
     let health_with = |ca: &str| {
         Command::new("curl")
-            .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .args([
+                "-sS",
+                "-m",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ])
             .arg(pki.path(ca))
             .arg(format!("{}/healthz", s.url()))
             .output()
@@ -209,16 +226,33 @@ fn tls_serves_and_reloads_on_sighup() -> Result<(), Failed> {
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while health_with("ca2.pem") != "200" {
-        assert!(Instant::now() < deadline, "the new certificate never served:\n{}", s.log());
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate never served:\n{}",
+            s.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_ne!(health_with("ca1.pem"), "200", "the old certificate still served");
+    assert_ne!(
+        health_with("ca1.pem"),
+        "200",
+        "the old certificate still served"
+    );
     // A broken pair on SIGHUP keeps the one in force.
     std::fs::write(pki.path("key.pem"), "not a key")?;
     hup(&s);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(health_with("ca2.pem"), "200", "a bad reload broke TLS:\n{}", s.log());
-    assert!(s.log().contains("the certificate in force stays"), "{}", s.log());
+    assert_eq!(
+        health_with("ca2.pem"),
+        "200",
+        "a bad reload broke TLS:\n{}",
+        s.log()
+    );
+    assert!(
+        s.log().contains("the certificate in force stays"),
+        "{}",
+        s.log()
+    );
     let (ok, out, err) = cli(
         &s,
         token,
@@ -286,8 +320,9 @@ fn flooding_token_gets_429_and_another_starts_at_once() -> Result<(), Failed> {
     }
     assert!(accepted.len() <= 8, "more than the rate: {accepted:?}");
     assert!(
-        refusals.iter().any(|(m, h)| m.contains("submissions_per_minute")
-            && h.contains("retry-after:")),
+        refusals
+            .iter()
+            .any(|(m, h)| m.contains("submissions_per_minute") && h.contains("retry-after:")),
         "no rate refusal with Retry-After: {refusals:?}"
     );
     assert!(
@@ -347,7 +382,8 @@ fn slow_clients_are_cut_off_without_affecting_others() -> Result<(), Failed> {
         let port = s.port;
         move || -> (usize, Duration) {
             let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+            let request =
+                b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
             let t = Instant::now();
             for (i, b) in request.iter().enumerate() {
                 if c.write_all(&[*b]).is_err() {

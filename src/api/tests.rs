@@ -459,3 +459,41 @@ async fn audit_receipt_and_key_routes() {
     );
     h.svc.cancel(hung, &None).await.unwrap();
 }
+
+#[tokio::test]
+async fn quotas_answer_429_saying_which_with_retry_after() {
+    let h = fake_service(|c| {
+        c.quotas.submissions_per_minute = 3;
+        c.quotas.queued_per_owner = 2;
+        c.max_concurrent_builds = 1;
+    })
+    .await;
+    // The first build hangs in the only build slot: the others stay queued behind it.
+    let df: &[u8] = b"# fake: build-hangs\nFROM busybox\n";
+    let mut codes = vec![];
+    let mut refusals = vec![];
+    for _ in 0..5 {
+        let c = post(&h, &[("file", Some("d"), df)], None).await;
+        codes.push(c.status);
+        if c.status == StatusCode::TOO_MANY_REQUESTS {
+            refusals.push((
+                c.json["error"].as_str().unwrap().to_owned(),
+                c.headers.get("retry-after").cloned(),
+            ));
+        }
+    }
+    let accepted = codes.iter().filter(|c| **c == StatusCode::ACCEPTED).count();
+    assert!(accepted <= 3, "{codes:?}");
+    assert!(
+        refusals
+            .iter()
+            .any(|(m, r)| m.contains("submissions_per_minute") && r.is_some()),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .all(|(m, _)| m.contains("submissions_per_minute") || m.contains("queued_per_owner")),
+        "{refusals:?}"
+    );
+}

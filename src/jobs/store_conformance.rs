@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::JobStatus;
-use super::store::{Claim, Holder, JobId, NewJob, NodeInfo, Patch, Store, StoreError};
+use super::store::{Claim, Holder, JobId, NewJob, NodeInfo, Patch, QueueCaps, Store, StoreError};
 
 /// Makes a fresh, empty store.
 pub type Maker<'a> = &'a dyn Fn() -> Box<dyn Store>;
@@ -25,6 +25,14 @@ pub const ALL: &[(&str, Test)] = &[
     (
         "claims_respect_slots_and_owner_shares",
         claims_respect_slots_and_owner_shares,
+    ),
+    (
+        "a_submitters_queue_share_refuses_its_inserts_only",
+        a_submitters_queue_share_is_capped,
+    ),
+    (
+        "claims_take_turns_between_owners",
+        claims_take_turns_between_owners,
     ),
     (
         "stale_jobs_are_the_restarted_nodes_and_expired_leases",
@@ -221,6 +229,51 @@ pub fn a_full_queue_refuses_inserts(new: Maker<'_>) {
         Err(StoreError::QueueFull(2))
     ));
     assert_eq!(store.count(None).unwrap(), 2);
+}
+
+/// One submitter's share of the queue is full: its next insert is refused, another's is not.
+pub fn a_submitters_queue_share_is_capped(new: Maker<'_>) {
+    let store = new();
+    let caps = QueueCaps {
+        total: 10,
+        per_submitter: 2,
+    };
+    store.insert(&job(Some("a"), "a"), caps, &mut ok).unwrap();
+    store.insert(&job(Some("a"), "a"), caps, &mut ok).unwrap();
+    assert!(matches!(
+        store.insert(&job(Some("a"), "a"), caps, &mut ok),
+        Err(StoreError::OwnerQueueFull(2))
+    ));
+    store.insert(&job(Some("b"), "b"), caps, &mut ok).unwrap();
+    // A claimed job no longer waits: the share has room again.
+    store.claim(&claim("n1", 1, 1)).unwrap().unwrap();
+    store.insert(&job(Some("a"), "a"), caps, &mut ok).unwrap();
+    assert_eq!(store.count(None).unwrap(), 4);
+}
+
+/// The owner with the fewest jobs building or running goes first (FIFO among equals): a flood
+/// from one owner delays another's next job by one turn at most.
+pub fn claims_take_turns_between_owners(new: Maker<'_>) {
+    let store = new();
+    let ids: Vec<JobId> = ["flood", "flood", "flood", "other", "other"]
+        .iter()
+        .map(|who| {
+            store
+                .insert(&job(Some(who), who), 100.into(), &mut ok)
+                .unwrap()
+                .id
+        })
+        .collect();
+    let next = || store.claim(&claim("n1", 10, 10)).unwrap().map(|r| r.id);
+    assert_eq!(next(), Some(ids[0]), "the oldest first");
+    assert_eq!(next(), Some(ids[3]), "then the owner with nothing active");
+    assert_eq!(next(), Some(ids[1]), "equal (one each): the oldest");
+    assert_eq!(next(), Some(ids[4]));
+    // flood's first job ends: it has one active, other two.
+    store
+        .transition(ids[0], JobStatus::BuildFailed, Patch::default())
+        .unwrap();
+    assert_eq!(next(), Some(ids[2]));
 }
 
 /// Node build slots, owner shares over all nodes, FIFO otherwise.

@@ -49,7 +49,13 @@ impl Service {
 
     /// Start one serving TLS (`env` names its certificate), checked against `ca`.
     pub fn start_tls(tag: &str, env: &[(&str, &str)], ca: PathBuf) -> Service {
-        Self::start_full(env!("CARGO_BIN_EXE_perfbox").into(), tag, env, None, Some(ca))
+        Self::start_full(
+            env!("CARGO_BIN_EXE_perfbox").into(),
+            tag,
+            env,
+            None,
+            Some(ca),
+        )
     }
 
     fn start_inner(
@@ -223,7 +229,11 @@ impl Service {
         let (path, rest) = args.split_last().unwrap();
         let out = Command::new("curl")
             .args(["-sS", "-m", "30", "-w", "\n%{http_code}"])
-            .args(self.ca.iter().flat_map(|ca| [std::ffi::OsStr::new("--cacert"), ca.as_os_str()]))
+            .args(
+                self.ca
+                    .iter()
+                    .flat_map(|ca| [std::ffi::OsStr::new("--cacert"), ca.as_os_str()]),
+            )
             .args(rest)
             .arg(format!("{}{path}", self.url()))
             .output()
