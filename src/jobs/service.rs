@@ -198,10 +198,14 @@ impl JobService {
         let lease_secs = cfg.lease_secs;
         let node = NodeInfo {
             name: instance.clone(),
-            url: cfg
-                .node_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", cfg.bind)),
+            url: cfg.node_url.clone().unwrap_or_else(|| {
+                let scheme = if cfg.tls.paths().is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", cfg.bind)
+            }),
             capacity: cfg.max_concurrent_builds as i64,
             pid: i64::from(std::process::id()),
             started_at: super::store::now(),
