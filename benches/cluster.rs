@@ -41,6 +41,7 @@ fn job() -> NewJob<'static> {
         owner: None,
         submitter: "sim",
         dockerfile_sha256: "0",
+        idempotency_key: None,
         files: &[],
     }
 }

@@ -107,6 +107,7 @@ fn main() {
                 image: &image,
                 container_id: &format!("bench-{i}"),
                 limits: None,
+                input: None,
                 cancel: CancellationToken::new(),
             }))
             .unwrap();

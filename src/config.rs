@@ -59,6 +59,70 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// A read-only dataset a job may ask for (`[[datasets]]`), mounted at `/input` in its run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataset {
+    /// What submissions call it (`dataset` field, `perfbox submit --dataset`).
+    pub name: String,
+    /// The host directory (absolute), readable by the runtime user.
+    pub path: PathBuf,
+}
+
+/// Callbacks (`[callbacks]`): where submissions may ask for their answer to be POSTed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Callbacks {
+    /// Hosts (`host` or `host:port`) a `callback_url` may name; empty: callbacks are off.
+    pub allowed_hosts: Vec<String>,
+    /// The HMAC-SHA256 key every callback body is signed with (required with hosts).
+    pub secret: Option<String>,
+    /// Tries per callback (backoff 1 s, doubling, at most a minute).
+    pub max_attempts: u32,
+}
+
+impl Default for Callbacks {
+    fn default() -> Self {
+        Self {
+            allowed_hosts: vec![],
+            secret: None,
+            max_attempts: 5,
+        }
+    }
+}
+
+impl std::fmt::Debug for Callbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callbacks")
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+/// Build contexts (`[context]`): what a submission's archive may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContextLimits {
+    /// The archive as uploaded (413 past it).
+    pub max_archive_bytes: u64,
+    /// Its files' apparent size once unpacked (a small archive may hold much: 400 past it).
+    pub max_unpacked_bytes: u64,
+    /// Its entries (files, directories, links).
+    pub max_entries: u64,
+}
+
+impl Default for ContextLimits {
+    fn default() -> Self {
+        Self {
+            max_archive_bytes: 64 << 20,
+            max_unpacked_bytes: 512 << 20,
+            max_entries: 100_000,
+        }
+    }
+}
+
 /// TLS on the API (`[tls]`): PEM files, read at start and again on SIGHUP.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -105,8 +169,9 @@ impl Default for Quotas {
 pub struct HttpLimits {
     /// Time for a client to finish its TLS handshake and send a request's headers.
     pub header_timeout_secs: u64,
-    /// Time from a request's headers to the start of its answer (its body must arrive within
-    /// it): 408 past it. Streamed answers (`logs?follow=1`) are not cut once started.
+    /// Time from the headers of a request with a body (POST, PUT, DELETE) to the start of its
+    /// answer (the body must arrive within it): 408 past it. GET requests are not limited here
+    /// (`?wait=` holds its answer on purpose).
     pub request_timeout_secs: u64,
     /// Connections open at once; further ones wait to be accepted.
     pub max_connections: usize,
@@ -268,6 +333,12 @@ pub struct Config {
     pub quotas: Quotas,
     /// Connection hygiene.
     pub http: HttpLimits,
+    /// Datasets jobs may ask for (read-only at `/input` in the run).
+    pub datasets: Vec<Dataset>,
+    /// Callbacks.
+    pub callbacks: Callbacks,
+    /// Build contexts.
+    pub context: ContextLimits,
     /// The job store: None for the embedded SQLite file in `state_dir`; a `postgres://` URL for
     /// a PostgreSQL database that several perfbox nodes share (see docs/scaling.md).
     pub database_url: Option<String>,
@@ -309,6 +380,9 @@ impl Default for Config {
             tls: TlsFiles::default(),
             quotas: Quotas::default(),
             http: HttpLimits::default(),
+            datasets: vec![],
+            callbacks: Callbacks::default(),
+            context: ContextLimits::default(),
             database_url: None,
             node_url: None,
             lease_secs: 60,
@@ -463,6 +537,25 @@ pub const OPTIONS: &[Opt] = &[
         None,
     ),
     opt("http.max_connections", "PERFBOX_MAX_CONNECTIONS", None),
+    file_only("datasets"),
+    opt("callbacks.allowed_hosts", "PERFBOX_CALLBACK_HOSTS", None),
+    opt("callbacks.secret", "PERFBOX_CALLBACK_SECRET", None),
+    opt(
+        "context.max_archive_bytes",
+        "PERFBOX_CONTEXT_MAX_ARCHIVE_BYTES",
+        None,
+    ),
+    opt(
+        "context.max_unpacked_bytes",
+        "PERFBOX_CONTEXT_MAX_UNPACKED_BYTES",
+        None,
+    ),
+    opt("context.max_entries", "PERFBOX_CONTEXT_MAX_ENTRIES", None),
+    opt(
+        "callbacks.max_attempts",
+        "PERFBOX_CALLBACK_MAX_ATTEMPTS",
+        None,
+    ),
     opt("database_url", "PERFBOX_DATABASE_URL", Some("database-url")),
     opt("node_url", "PERFBOX_NODE_URL", None),
     opt("lease_secs", "PERFBOX_LEASE_SECS", None),
@@ -616,6 +709,19 @@ impl Config {
         }
         self.source_policy()?;
         self.validate_tokens()?;
+        self.validate_datasets()?;
+        if !self.callbacks.allowed_hosts.is_empty()
+            && self
+                .callbacks
+                .secret
+                .as_deref()
+                .is_none_or(|s| s.len() < 16)
+        {
+            return Err(ConfigError::Invalid(
+                "[callbacks] allowed_hosts needs a secret of at least 16 characters to sign with"
+                    .into(),
+            ));
+        }
         if self.quotas.submissions_per_minute == 0
             || self.quotas.queued_per_owner == 0
             || self.quotas.runs_per_owner == 0
@@ -650,6 +756,46 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    fn validate_datasets(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.datasets {
+            let invalid =
+                |why: String| ConfigError::Invalid(format!("dataset {:?}: {why}", d.name));
+            if d.name.is_empty()
+                || d.name.len() > 64
+                || !d
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                return Err(invalid("a name is 1-64 of A-Z a-z 0-9 . _ -".into()));
+            }
+            if !seen.insert(&d.name) {
+                return Err(invalid("named twice".into()));
+            }
+            if !d.path.is_absolute() {
+                return Err(invalid(format!(
+                    "path {} is not absolute",
+                    d.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a context archive may hold once unpacked.
+    pub fn context_caps(&self) -> crate::jobs::context::Caps {
+        crate::jobs::context::Caps {
+            bytes: self.context.max_unpacked_bytes,
+            entries: self.context.max_entries,
+        }
+    }
+
+    /// The dataset called `name`, if configured.
+    pub fn dataset(&self, name: &str) -> Option<&Dataset> {
+        self.datasets.iter().find(|d| d.name == name)
     }
 
     fn validate_tokens(&self) -> Result<(), ConfigError> {
@@ -1010,7 +1156,13 @@ mod example_tests {
                         // Tables of the file whose members are options of their own.
                         if matches!(
                             path.as_str(),
-                            "build" | "limits" | "tls" | "quotas" | "http"
+                            "build"
+                                | "limits"
+                                | "tls"
+                                | "quotas"
+                                | "http"
+                                | "callbacks"
+                                | "context"
                         ) {
                             leaves(v, &path, out);
                         } else {

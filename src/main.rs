@@ -36,9 +36,10 @@ struct Cli {
 enum Command {
     /// Run the HTTP service.
     Serve(ServeArgs),
-    /// Submit a Dockerfile (prints the job id; with --wait, follows it and prints perf).
+    /// Submit a Dockerfile, or a directory as the build context with its Dockerfile at the root
+    /// (prints the job id; with --wait, follows it and prints perf).
     Submit {
-        /// The Dockerfile.
+        /// The Dockerfile, or the context directory.
         dockerfile: PathBuf,
         /// Wait for the result, showing progress.
         #[arg(long)]
@@ -49,6 +50,12 @@ enum Command {
         /// Build this stage of a multi-stage Dockerfile.
         #[arg(long)]
         target: Option<String>,
+        /// Mount this configured dataset read-only at /input in the run.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Submit at most once per key: the same key again answers the first job.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -317,8 +324,17 @@ async fn main() -> Result<()> {
             wait,
             build_args,
             target,
+            dataset,
+            idempotency_key,
             client,
-        } => submit(&dockerfile, wait, &build_args, target, &client).await,
+        } => {
+            let extra = SubmitExtra {
+                target,
+                dataset,
+                idempotency_key,
+            };
+            submit(&dockerfile, wait, &build_args, extra, &client).await
+        }
         Command::Audit {
             ids,
             all,
@@ -495,30 +511,58 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `perfbox submit`'s options beyond the file and its build args.
+struct SubmitExtra {
+    target: Option<String>,
+    dataset: Option<String>,
+    idempotency_key: Option<String>,
+}
+
 async fn submit(
     path: &PathBuf,
     wait: bool,
     build_args: &[String],
-    target: Option<String>,
+    extra: SubmitExtra,
     client: &ClientArgs,
 ) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "Dockerfile".into());
-    let mut form = reqwest::multipart::Form::new().part(
-        "file",
-        reqwest::multipart::Part::bytes(bytes).file_name(name),
-    );
+    let mut form = reqwest::multipart::Form::new();
+    if path.is_dir() {
+        // The directory as a tar (links kept as links, never followed), its Dockerfile inside.
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.follow_symlinks(false);
+        tar.append_dir_all(".", path)
+            .with_context(|| format!("cannot pack {}", path.display()))?;
+        let archive = tar.into_inner()?;
+        form = form.part(
+            "context",
+            reqwest::multipart::Part::bytes(archive).file_name("context.tar"),
+        );
+    } else {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "Dockerfile".into());
+        form = form.part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes).file_name(name),
+        );
+    }
     for arg in build_args {
         form = form.text("build_arg", arg.clone());
     }
-    if let Some(t) = target {
+    if let Some(t) = extra.target {
         form = form.text("target", t);
     }
-    let resp = client
-        .request(reqwest::Method::POST, "/job/build")?
+    if let Some(d) = extra.dataset {
+        form = form.text("dataset", d);
+    }
+    let mut req = client.request(reqwest::Method::POST, "/job/build")?;
+    if let Some(k) = &extra.idempotency_key {
+        req = req.header("idempotency-key", k);
+    }
+    let resp = req
         .multipart(form)
         .send()
         .await
@@ -536,7 +580,10 @@ async fn submit(
     eprintln!("job {id} submitted");
     let mut last = String::new();
     loop {
-        let p = client.json(&format!("/job/performance/{id}")).await?;
+        // The service answers as soon as the job ends (or after a second, to show progress).
+        let p = client
+            .json(&format!("/job/performance/{id}?wait=1"))
+            .await?;
         let st = p["status"].as_str().unwrap_or("").to_string();
         if st != last {
             let extra = p["info"]
@@ -547,9 +594,7 @@ async fn submit(
             last = st.clone();
         }
         match st.as_str() {
-            "queued" | "building" | "running" => {
-                tokio::time::sleep(Duration::from_millis(300)).await
-            }
+            "queued" | "building" | "running" => {}
             "succeeded" => {
                 println!("{}", p["perf"]);
                 return Ok(());

@@ -47,6 +47,7 @@ fn job() -> NewJob<'static> {
         owner: None,
         submitter: "a",
         dockerfile_sha256: "abc",
+        idempotency_key: None,
         files: &[("Dockerfile", b"FROM scratch\n")],
     }
 }

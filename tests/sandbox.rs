@@ -46,6 +46,7 @@ async fn run_with(
         image,
         container_id: &id,
         limits,
+        input: None,
         cancel,
     })
     .await
@@ -278,7 +279,7 @@ fn image_config_honoured() {
         let job = TestDir::new("job");
         let bad = ImageConfig { user: Some("ghost".into()), ..shell("true") };
         let err = sandbox(attack_runtime())
-            .run(RunRequest { job_dir: job.path(), rootfs: &busybox_rootfs(), image: &bad, container_id: "ghost", limits: None, cancel: CancellationToken::new() })
+            .run(RunRequest { job_dir: job.path(), rootfs: &busybox_rootfs(), image: &bad, container_id: "ghost", limits: None, input: None, cancel: CancellationToken::new() })
             .await
             .unwrap_err();
         assert!(err.to_string().contains("ghost"), "{err}");

@@ -52,9 +52,9 @@ impl From<JobError> for ApiError {
                 retry_after_secs: Some(retry_after_secs),
             },
             e @ (JobError::NotFound(_) | JobError::NoSpec(_)) => ApiError::NotFound(e.to_string()),
-            e @ (JobError::Finished { .. } | JobError::NotFinished { .. }) => {
-                ApiError::Conflict(e.to_string())
-            }
+            e @ (JobError::Finished { .. }
+            | JobError::NotFinished { .. }
+            | JobError::IdempotencyMismatch { .. }) => ApiError::Conflict(e.to_string()),
             JobError::Store(StoreError::NotFound(id)) => ApiError::NotFound(format!("no job {id}")),
             e @ JobError::Store(StoreError::IncorrectStatus { .. }) => {
                 ApiError::Conflict(e.to_string())

@@ -101,10 +101,12 @@ fn links(id: JobId) -> Value {
 }
 
 /// `POST|PUT /job/build`: multipart field `file` holding a Dockerfile; optional fields
-/// `build_arg` (`NAME=value`, repeatable) and `target`.
+/// `build_arg` (`NAME=value`, repeatable), `target` and `dataset`; optional header
+/// `Idempotency-Key`.
 pub async fn submit(
     State(jobs): State<JobService>,
     who: Submitter,
+    headers: axum::http::HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let mut multipart = multipart.map_err(|e| {
@@ -114,6 +116,7 @@ pub async fn submit(
     })?;
     let max = jobs.config().max_dockerfile_bytes;
     let mut upload: Option<(String, Vec<u8>)> = None;
+    let mut context: Option<Vec<u8>> = None;
     let mut other_fields = vec![];
     let mut options = BuildOptions::default();
     loop {
@@ -123,16 +126,34 @@ pub async fn submit(
             Err(e) => return Err(multipart_error(e, max)),
         };
         let name = field.name().unwrap_or("").to_string();
-        if name == "build_arg" || name == "target" {
+        if name == "callback_url" {
+            options.callback_url = Some(field.text().await.map_err(|e| multipart_error(e, max))?);
+            continue;
+        }
+        if name == "build_arg" || name == "target" || name == "dataset" {
             let text = field.text().await.map_err(|e| multipart_error(e, max))?;
             if name == "target" {
                 options.target = Some(text);
+                continue;
+            }
+            if name == "dataset" {
+                options.dataset = Some(text);
                 continue;
             }
             let (arg, value) = text.split_once('=').ok_or_else(|| {
                 ApiError::BadRequest(format!("build_arg must be NAME=value, got {text:?}"))
             })?;
             options.build_args.insert(arg.to_owned(), value.to_owned());
+            continue;
+        }
+        if name == "context" {
+            if context.is_some() {
+                return Err(ApiError::BadRequest(
+                    "send at most one field named \"context\"".into(),
+                ));
+            }
+            let bytes = field.bytes().await.map_err(|e| multipart_error(e, max))?;
+            context = Some(bytes.to_vec());
             continue;
         }
         if name != "file" {
@@ -148,28 +169,52 @@ pub async fn submit(
         let bytes = field.bytes().await.map_err(|e| multipart_error(e, max))?;
         upload = Some((filename, bytes.to_vec()));
     }
-    let (filename, bytes) = upload.ok_or_else(|| {
+    if upload.is_none() && context.is_none() {
         let seen = if other_fields.is_empty() {
             "no fields".to_string()
         } else {
             format!("fields {other_fields:?}")
         };
-        ApiError::BadRequest(format!(
-            "no multipart field named \"file\" (got {seen}); use: curl -F file=@job.Dockerfile"
-        ))
-    })?;
-    if !other_fields.is_empty() {
         return Err(ApiError::BadRequest(format!(
-            "unknown multipart fields {other_fields:?}: send \"file\" (the Dockerfile) and optionally \"build_arg\" (NAME=value, repeatable) and \"target\""
+            "no multipart field named \"file\" (got {seen}); use: curl -F file=@job.Dockerfile"
         )));
     }
-    let rec = jobs.submit(&filename, &bytes, who.owner, &who.name, &options)?;
+    if !other_fields.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "unknown multipart fields {other_fields:?}: send \"file\" (the Dockerfile) and optionally \"context\" (a tar, tar.gz or zip), \"build_arg\" (NAME=value, repeatable), \"target\", \"dataset\" and \"callback_url\""
+        )));
+    }
+    let key =
+        match headers.get("idempotency-key") {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| {
+                ApiError::BadRequest("Idempotency-Key must be printable ASCII".into())
+            })?),
+        };
+    let submission = crate::jobs::service::Submission {
+        filename: upload.as_ref().map_or("Dockerfile", |(n, _)| n.as_str()),
+        dockerfile: upload.as_ref().map(|(_, b)| b.as_slice()),
+        context: context.as_deref(),
+        options: &options,
+        idempotency_key: key,
+    };
+    let made = jobs.submit_once(&submission, who.owner, &who.name)?;
+    let rec = made.job;
     let body = json!({
         "id": rec.id,
         "filename": rec.filename,
         "status": rec.status,
         "links": links(rec.id),
     });
+    // A repeated Idempotency-Key: the first submission's job, 200 rather than 202, and said so.
+    if made.replayed {
+        let mut resp = (StatusCode::OK, Json(body)).into_response();
+        resp.headers_mut().insert(
+            "idempotent-replayed",
+            axum::http::HeaderValue::from_static("true"),
+        );
+        return Ok(resp);
+    }
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -183,23 +228,44 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, max: usize) -> A
     }
 }
 
-/// `GET /job/performance/{id}`.
+/// Longest `?wait=` honoured (seconds).
+pub const MAX_WAIT_SECS: f64 = 300.0;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// Hold the answer until the job is final or this many seconds passed.
+    wait: Option<f64>,
+}
+
+/// `GET /job/performance/{id}[?wait=N]`: with `wait`, the answer comes when the job reaches a
+/// final state or after N seconds (at most [`MAX_WAIT_SECS`]), whichever is first.
 pub async fn performance(
     State(jobs): State<JobService>,
     Caller(owner): Caller,
     Path(raw): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&raw)?;
-    let rec = jobs.get(id, &owner)?;
-    Ok(Json(match rec.status {
-        JobStatus::Succeeded => json!({ "job": id, "status": rec.status, "perf": rec.perf }),
-        JobStatus::Queued => json!({
-            "job": id, "status": rec.status, "info": rec.status.info(),
-            "queue_position": jobs.queue_position(id)?,
-        }),
-        s if !s.is_terminal() => json!({ "job": id, "status": s, "info": s.info() }),
-        s => json!({ "job": id, "status": s, "error": rec.error.unwrap_or_else(|| s.to_string()) }),
-    }))
+    let Query(q) =
+        query.map_err(|e| ApiError::BadRequest(format!("bad query: {}", e.body_text())))?;
+    let rec = match q.wait {
+        None => jobs.get(id, &owner)?,
+        Some(w) if w.is_finite() && w >= 0.0 => {
+            let within = std::time::Duration::from_secs_f64(w.min(MAX_WAIT_SECS));
+            jobs.wait_final(id, &owner, within).await?
+        }
+        Some(w) => {
+            return Err(ApiError::BadRequest(format!(
+                "wait must be a number of seconds >= 0, got {w}"
+            )));
+        }
+    };
+    let mut answer = rec.answer();
+    if rec.status == JobStatus::Queued {
+        answer["queue_position"] = json!(jobs.queue_position(id)?);
+    }
+    Ok(Json(answer))
 }
 
 #[derive(Deserialize)]
@@ -225,11 +291,35 @@ pub async fn list(
                 .map(|j| format!("/jobs?limit={limit}&before={}", j.id))
         })
         .flatten();
+    let page = page.iter().map(with_times).collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "jobs": page, "total": total, "next": next })))
 }
 
+/// A record as JSON, with its Unix times also as RFC 3339 strings under `times` (same names).
+fn with_times(rec: &JobRecord) -> Result<Value, ApiError> {
+    let mut v = serde_json::to_value(rec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut times = serde_json::Map::new();
+    for (name, t) in [
+        ("created_at", Some(rec.created_at)),
+        ("build_started_at", rec.build_started_at),
+        ("build_finished_at", rec.build_finished_at),
+        ("run_started_at", rec.run_started_at),
+        ("finished_at", rec.finished_at),
+    ] {
+        if let Some(t) = t.filter(|t| t.is_finite() && *t >= 0.0) {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(t);
+            times.insert(
+                name.into(),
+                humantime::format_rfc3339_millis(at).to_string().into(),
+            );
+        }
+    }
+    v["times"] = times.into();
+    Ok(v)
+}
+
 fn full_record(jobs: &JobService, rec: JobRecord) -> Result<Value, ApiError> {
-    let mut v = serde_json::to_value(&rec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut v = with_times(&rec)?;
     if rec.status == JobStatus::Queued {
         v["queue_position"] = json!(jobs.queue_position(rec.id)?);
     }

@@ -37,7 +37,10 @@ const MULTIPART_SLACK: usize = 64 * 1024;
 
 /// The API router.
 pub fn router(jobs: JobService) -> Router {
-    let body_limit = jobs.config().max_dockerfile_bytes + MULTIPART_SLACK;
+    let cfg = jobs.config();
+    let body_limit = cfg.max_dockerfile_bytes
+        + usize::try_from(cfg.context.max_archive_bytes).unwrap_or(usize::MAX / 2)
+        + MULTIPART_SLACK;
     Router::new()
         .route("/job/build", post(handlers::submit).put(handlers::submit))
         .route("/job/performance/{id}", get(handlers::performance))

@@ -1,8 +1,8 @@
 //! The API's listener: HTTP/1.1 over TCP, or over TLS whose certificate is read again on SIGHUP
 //! (connections already open keep the one they started with); at most `max_connections` open at
 //! once (the rest wait in the kernel's accept queue); a client that has not finished its TLS
-//! handshake and request headers within `header_timeout` is cut off, and a request not answered
-//! within `request_timeout` (its body included) gets a 408. None of this touches a job: a job
+//! handshake and request headers within `header_timeout` is cut off, and a request with a body
+//! not answered within `request_timeout` (its body included) gets a 408. None of this touches a job: a job
 //! exists once its submission was answered.
 
 use std::path::{Path, PathBuf};
@@ -208,14 +208,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// A 408 for a request not answered within the deadline (the client did not send its body in
-/// time, or the answer took too long to start).
+/// A 408 for a request with a body (POST, PUT, DELETE...) not answered within the deadline: the
+/// client did not send its body in time. GET and HEAD carry none and are not limited here
+/// (`?wait=` holds its answer on purpose; their handlers bound themselves).
 async fn request_deadline(
     axum::extract::State(deadline): axum::extract::State<Duration>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    if matches!(req.method(), &http::Method::GET | &http::Method::HEAD) {
+        return next.run(req).await;
+    }
     match tokio::time::timeout(deadline, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => super::ApiError::Timeout(format!(

@@ -80,7 +80,12 @@ impl<'c> Build<'c> {
     fn start(client: &'c BuildkitClient, req: &BuildRequest, log: Arc<dyn BuildLog>) -> Self {
         let build_ref = format!("perfbox-{}", uuid::Uuid::new_v4().simple());
         let (sink, unpacker) = export::start(req.rootfs_dir.clone(), req.max_image_bytes);
-        let session = Session::start(client.channel.clone(), sink, &client.credentials);
+        let session = Session::start(
+            client.channel.clone(),
+            sink,
+            &client.credentials,
+            req.context_dir.clone(),
+        );
         let status = AbortOnDrop::new(tokio::spawn(stream_status(
             client.control(),
             build_ref.clone(),
@@ -120,7 +125,10 @@ impl<'c> Build<'c> {
                 attrs: HashMap::new(),
             }],
             // Evaluated on the daemon for every source of this build, the frontend's included.
-            source_policy: Some(req.source_policy.to_proto()),
+            source_policy: Some(match req.context_dir {
+                Some(_) => req.source_policy.clone().with_context().to_proto(),
+                None => req.source_policy.to_proto(),
+            }),
             entitlements: ENTITLEMENTS.iter().map(|e| (*e).to_owned()).collect(),
             ..Default::default()
         };
@@ -132,12 +140,17 @@ impl<'c> Build<'c> {
         let inner = gateway::SolveRequest {
             frontend: "dockerfile.v0".to_owned(),
             frontend_opt,
-            frontend_inputs: HashMap::from([
-                ("dockerfile".to_owned(), def.clone()),
+            frontend_inputs: match req.context_dir {
+                // The frontend reads the context from the session (FileSync, the one directory
+                // the submission brought).
+                Some(_) => HashMap::from([("dockerfile".to_owned(), def)]),
                 // The context is the same single-file tree (see `definition`): nothing on this
                 // machine is ever exposed to the daemon.
-                ("context".to_owned(), def),
-            ]),
+                None => HashMap::from([
+                    ("dockerfile".to_owned(), def.clone()),
+                    ("context".to_owned(), def),
+                ]),
+            },
             allow_result_return: true,
             allow_result_array_ref: true,
             evaluate: true,

@@ -8,6 +8,10 @@
 //! * there is nothing to sync: the bytes are in memory and travel inside the request;
 //! * it works unchanged with a remote `tcp://` daemon that shares no filesystem with us.
 //!
+//! A submission that brings a build context is the one exception: its unpacked files are served
+//! through the build's own session as the local source `context` (see
+//! `session::filesync`), and only that directory, under only that name.
+//!
 //! buildkitd v0.13.2 dereferences op inputs without checking them and *crashes* (nil pointer in
 //! `DefinitionOp.Inputs`) on a Definition whose input digests do not match its ops, or whose last
 //! op is not a terminal op with one input. [`validate`] checks exactly those invariants.

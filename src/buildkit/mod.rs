@@ -86,9 +86,13 @@ impl BuildNetwork {
 /// One Dockerfile build.
 #[derive(Debug, Clone)]
 pub struct BuildRequest {
-    /// The Dockerfile text. It is the whole build context: `COPY`/`ADD` from the context only
-    /// see this Dockerfile itself (perfbox receives no other files).
+    /// The Dockerfile text. Without [`Self::context_dir`] it is the whole build context:
+    /// `COPY`/`ADD` from the context only see this Dockerfile itself.
     pub dockerfile: Vec<u8>,
+    /// A directory served to the daemon as the build context (`COPY`'s source), through this
+    /// build's session only, under the local name `context`; the source policy then allows
+    /// `local://context` and nothing else local. `None`: the Dockerfile alone.
+    pub context_dir: Option<PathBuf>,
     /// `--build-arg NAME=value` pairs.
     pub build_args: BTreeMap<String, String>,
     /// `--target` stage name; `None` builds the last stage.
@@ -166,6 +170,7 @@ impl BuildRequest {
     pub fn new(dockerfile: impl Into<Vec<u8>>, rootfs_dir: impl Into<PathBuf>) -> Self {
         Self {
             dockerfile: dockerfile.into(),
+            context_dir: None,
             build_args: BTreeMap::new(),
             target: None,
             platform: None,

@@ -24,11 +24,16 @@ use std::net::IpAddr;
 
 use super::proto::sourcepolicy::{MatchType, Policy, PolicyAction, Rule, Selector, Update};
 
+/// The one local source a build may read: the submission's context, served by perfbox's session.
+pub const LOCAL_CONTEXT: &str = "local://context";
+
 /// What a build may fetch. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourcePolicy {
     registries: Vec<String>,
     remote: Vec<RemoteSource>,
+    /// The build reads the submission's own files from perfbox's session (`local://context`).
+    context: bool,
 }
 
 /// Why a policy setting was refused.
@@ -56,6 +61,7 @@ impl Default for SourcePolicy {
         Self {
             registries: vec![DEFAULT_REGISTRY.to_owned()],
             remote: Vec::new(),
+            context: false,
         }
     }
 }
@@ -88,7 +94,15 @@ impl SourcePolicy {
         Ok(Self {
             registries,
             remote: Vec::new(),
+            context: false,
         })
+    }
+
+    /// This policy, also letting the build read the submission's context from perfbox's own
+    /// session (`local://context`, and no other local name).
+    pub fn with_context(mut self) -> Self {
+        self.context = true;
+        self
     }
 
     /// Also allow the remote sources matching `source`.
@@ -138,6 +152,9 @@ impl SourcePolicy {
         }
         for r in &self.remote {
             rules.push(rule(PolicyAction::Allow, r.pattern.clone(), None));
+        }
+        if self.context {
+            rules.push(rule(PolicyAction::Allow, LOCAL_CONTEXT.into(), None));
         }
         Policy { version: 1, rules }
     }

@@ -47,11 +47,20 @@ pub(crate) mod filesync {
     pub(crate) use bollard_buildkit_proto::moby::filesync::v1::file_send_server::{
         FileSend, FileSendServer,
     };
+    pub(crate) use bollard_buildkit_proto::moby::filesync::v1::file_sync_server::{
+        FileSync, FileSyncServer,
+    };
     pub(crate) use bollard_buildkit_proto::moby::filesync::v1::{
         BytesMessage, CredentialsRequest, CredentialsResponse, FetchTokenRequest,
         FetchTokenResponse, GetTokenAuthorityRequest, GetTokenAuthorityResponse,
         VerifyTokenAuthorityRequest, VerifyTokenAuthorityResponse,
     };
+}
+
+/// `fsutil.types` (the packets of a FileSync DiffCopy: one Stat per entry, then file data).
+pub(crate) mod fsutil {
+    pub(crate) use bollard_buildkit_proto::fsutil::types::packet::PacketType;
+    pub(crate) use bollard_buildkit_proto::fsutil::types::{Packet, Stat};
 }
 
 /// `grpc.health.v1`, which the daemon polls on the session every 5 s.

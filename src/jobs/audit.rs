@@ -52,6 +52,9 @@ pub struct AuditBasis<'a> {
     pub seccomp_digest: &'a str,
     /// The frontend every build runs with.
     pub frontend: &'a str,
+    /// The datasets configured (a job's `dataset` names one: the only other host path its
+    /// run may have).
+    pub datasets: &'a [crate::config::Dataset],
 }
 
 /// A rule on the job record's `build` (what the solve ran with).
@@ -173,7 +176,8 @@ fn build_source_policy(build: &Value, _: &AuditBasis<'_>) -> Verdict {
     for rule in &rules[1..] {
         let allowed = match rule.split_once(' ') {
             Some(("ALLOW", what)) => {
-                remote.iter().any(|r| r == what)
+                (what == crate::buildkit::policy::LOCAL_CONTEXT && build["context"] == true)
+                    || remote.iter().any(|r| r == what)
                     || registries
                         .iter()
                         .any(|r| what == format!("docker-image://{r}/*"))
@@ -287,6 +291,11 @@ pub fn audit_job(rec: &JobRecord, basis: &AuditBasis<'_>) -> JobAudit {
                     &spec,
                     &Expect {
                         out_dir: &out_dir,
+                        dataset: rec
+                            .dataset
+                            .as_deref()
+                            .and_then(|n| basis.datasets.iter().find(|d| d.name == n))
+                            .map(|d| d.path.as_path()),
                         seccomp_digest: basis.seccomp_digest,
                         applied: applied.as_ref(),
                     },
@@ -390,6 +399,7 @@ mod tests {
             job_dir: Path::new("/nonexistent"),
             seccomp_digest: "",
             frontend: FRONTEND,
+            datasets: &[],
         };
         let r = RECORD_RULES.iter().find(|r| r.name == rule).unwrap();
         (r.check)(build, &basis)
@@ -479,6 +489,7 @@ mod tests {
             job_dir: Path::new("/nonexistent"),
             seccomp_digest: "",
             frontend: FRONTEND,
+            datasets: &[],
         };
         let a = audit_job(&record(Some(2.0)), &basis);
         assert!(!a.ok);

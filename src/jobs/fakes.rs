@@ -172,7 +172,12 @@ impl ImageBuilder for FakeBuilder {
 /// The spec the real sandbox would write for a run of `rootfs` from `job_dir` (no cgroups: its
 /// limits apply as rlimits), written to `config.json` as the sandbox does: the limits that
 /// applied and the file's SHA-256.
-fn write_spec(job_dir: &Path, rootfs: &Path, container_id: &str) -> (AppliedLimits, String) {
+fn write_spec(
+    job_dir: &Path,
+    rootfs: &Path,
+    container_id: &str,
+    input: Option<&Path>,
+) -> (AppliedLimits, String) {
     use crate::sandbox::{idmap, image_user, policy, seccomp, spec};
     use sha2::Digest;
     let identity = idmap::HostIdentity {
@@ -191,6 +196,7 @@ fn write_spec(job_dir: &Path, rootfs: &Path, container_id: &str) -> (AppliedLimi
     let (spec, applied) = spec::hardened_spec(&spec::SpecInput {
         rootfs: rootfs.to_path_buf(),
         out_dir: job_dir.join(crate::sandbox::OUT_DIR),
+        input: input.map(Path::to_path_buf),
         args: vec!["/bin/true".into()],
         env: vec![],
         cwd: "/".into(),
@@ -245,7 +251,8 @@ impl Runner for FakeRunner {
             if what.contains("run-errors") {
                 return Err(SandboxError::NoCommand);
             }
-            let (applied, spec_sha256) = write_spec(req.job_dir, req.rootfs, req.container_id);
+            let (applied, spec_sha256) =
+                write_spec(req.job_dir, req.rootfs, req.container_id, req.input);
             Ok(Prepared {
                 job_dir: req.job_dir.to_path_buf(),
                 container_id: req.container_id.to_owned(),
@@ -291,6 +298,11 @@ impl Runner for FakeRunner {
                 applied: prepared.applied.clone(),
                 log_dropped_bytes: 0,
                 log_tail: format!("fake run: {what}\n"),
+                usage: crate::sandbox::Usage {
+                    wall_seconds: 0.01,
+                    source: "fake".into(),
+                    ..Default::default()
+                },
             };
             if what.contains("run-hangs") {
                 cancel.cancelled().await;

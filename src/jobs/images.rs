@@ -178,7 +178,7 @@ impl ImageCache {
             return Ok(l);
         }
         // Mount points the runtime would otherwise create inside the shared tree at run time.
-        for d in ["proc", "sys", "dev", "tmp", "data"] {
+        for d in ["proc", "sys", "dev", "tmp", "data", "input"] {
             let p = staging.join(d);
             if std::fs::symlink_metadata(&p).is_err() {
                 let _ = std::fs::create_dir(&p);

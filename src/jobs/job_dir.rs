@@ -16,13 +16,17 @@ use crate::sandbox::{OUT_DIR, RUN_LOG, SPEC_FILE};
 pub const DOCKERFILE: &str = "Dockerfile";
 /// Build args and target, as submitted.
 pub const BUILD_OPTIONS: &str = "build-options.json";
+/// The build context archive, as submitted (tar, tar.gz or zip), when there was one.
+pub const CONTEXT_ARCHIVE: &str = "context.archive";
+/// Where the build unpacks it.
+const CONTEXT_DIR: &str = "context";
 /// The build's progress log.
 const BUILD_LOG: &str = "build.log";
 
 /// The files a shared store keeps of a job: what the submission brought (any node may run it),
 /// then what its run left to show (any node may show them). Nothing else is ever written into a
 /// job directory from the store.
-pub const SUBMITTED: [&str; 2] = [DOCKERFILE, BUILD_OPTIONS];
+pub const SUBMITTED: [&str; 3] = [DOCKERFILE, BUILD_OPTIONS, CONTEXT_ARCHIVE];
 /// See [`SUBMITTED`].
 pub const RESULTS: [&str; 3] = [BUILD_LOG, RUN_LOG, SPEC_FILE];
 
@@ -41,21 +45,42 @@ impl JobDir {
         &self.0
     }
 
-    /// Create it with the submission's Dockerfile and build options.
-    pub fn create(&self, dockerfile: &[u8], options: &BuildOptions) -> std::io::Result<()> {
+    /// Create it with the submission's Dockerfile, build options and context archive.
+    pub fn create(
+        &self,
+        dockerfile: &[u8],
+        options: &BuildOptions,
+        context: Option<&[u8]>,
+    ) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.0)?;
-        std::fs::write(self.0.join(DOCKERFILE), dockerfile)?;
-        let options = serde_json::to_vec(options).map_err(std::io::Error::other)?;
-        std::fs::write(self.0.join(BUILD_OPTIONS), options)
+        for (name, content) in Self::submission(dockerfile, options, context)? {
+            std::fs::write(self.0.join(name), content)?;
+        }
+        Ok(())
     }
 
     /// What a submission brings, as files (name, content).
     pub fn submission(
         dockerfile: &[u8],
         options: &BuildOptions,
-    ) -> std::io::Result<[(&'static str, Vec<u8>); 2]> {
+        context: Option<&[u8]>,
+    ) -> std::io::Result<Vec<(&'static str, Vec<u8>)>> {
         let options = serde_json::to_vec(options).map_err(std::io::Error::other)?;
-        Ok([(DOCKERFILE, dockerfile.to_vec()), (BUILD_OPTIONS, options)])
+        let mut files = vec![(DOCKERFILE, dockerfile.to_vec()), (BUILD_OPTIONS, options)];
+        if let Some(c) = context {
+            files.push((CONTEXT_ARCHIVE, c.to_vec()));
+        }
+        Ok(files)
+    }
+
+    /// The context archive as submitted, if there was one.
+    pub fn context_archive(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.0.join(CONTEXT_ARCHIVE)).ok()
+    }
+
+    /// Where the build unpacks the context.
+    pub fn context_dir(&self) -> PathBuf {
+        self.0.join(CONTEXT_DIR)
     }
 
     /// Write files kept in a shared store into the directory (creating it): only the names of
@@ -135,7 +160,9 @@ mod tests {
         let dir = JobDir::new(t.path().join("jobs/7"));
         let mut options = BuildOptions::default();
         options.build_args.insert("A".into(), "1".into());
-        dir.create(b"FROM busybox\n", &options).unwrap();
+        dir.create(b"FROM busybox\n", &options, Some(b"archive"))
+            .unwrap();
+        assert_eq!(dir.context_archive().as_deref(), Some(&b"archive"[..]));
         assert_eq!(dir.dockerfile().unwrap(), b"FROM busybox\n");
         assert_eq!(dir.build_options(), options);
         assert_eq!(dir.build_log(), t.path().join("jobs/7/build.log"));

@@ -1,6 +1,7 @@
 //! Service metrics, in the OpenMetrics text format (the `prometheus-client` crate): jobs by
-//! status and queue depth (read from the store at each scrape), and phase durations (a histogram
-//! per phase: build, run).
+//! status and queue depth (read from the store at each scrape), phase durations (a histogram
+//! per phase: build, run), and what runs used as the host measured it (CPU seconds, peak
+//! memory).
 
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub struct Metrics {
     jobs: Family<StatusLabel, Gauge>,
     queue_depth: Gauge,
     phases: Family<PhaseLabel, Histogram>,
+    run_cpu: Histogram,
+    run_memory: Histogram,
 }
 
 impl Default for Metrics {
@@ -54,11 +57,26 @@ impl Default for Metrics {
             "Time spent per phase (build, run)",
             phases.clone(),
         );
+        // 10 ms to ~5.5 min of CPU; 1 MiB to 32 GiB of memory.
+        let run_cpu = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        let run_memory = Histogram::new(exponential_buckets(1048576.0, 2.0, 16));
+        registry.register(
+            "perfbox_run_cpu_seconds",
+            "CPU time of each run, from its cgroup",
+            run_cpu.clone(),
+        );
+        registry.register(
+            "perfbox_run_peak_memory_bytes",
+            "Peak memory of each run, from its cgroup",
+            run_memory.clone(),
+        );
         Self {
             registry,
             jobs,
             queue_depth,
             phases,
+            run_cpu,
+            run_memory,
         }
     }
 }
@@ -69,6 +87,16 @@ impl Metrics {
         self.phases
             .get_or_create(&PhaseLabel { phase })
             .observe(d.as_secs_f64());
+    }
+
+    /// Record what a run used (what its cgroup could tell).
+    pub fn observe_usage(&self, u: &crate::sandbox::Usage) {
+        if let Some(c) = u.cpu_seconds {
+            self.run_cpu.observe(c);
+        }
+        if let Some(m) = u.peak_memory_bytes {
+            self.run_memory.observe(m as f64);
+        }
     }
 
     /// The exposition text, with the store's job counts and queue depth as of now.

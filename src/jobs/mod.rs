@@ -23,6 +23,8 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod callback;
+pub mod context;
 #[cfg(test)]
 pub mod fakes;
 pub mod images;
@@ -79,6 +81,15 @@ pub enum JobError {
         queued: i64,
         /// The quota.
         max: usize,
+    },
+    /// An `Idempotency-Key` used again for another Dockerfile.
+    #[error(
+        "this Idempotency-Key was used for job {id}, with another Dockerfile; use a new key for \
+         a new submission"
+    )]
+    IdempotencyMismatch {
+        /// The job the key made.
+        id: JobId,
     },
     /// The submitter sent more submissions than its rate allows.
     #[error(
@@ -139,7 +150,7 @@ impl From<StoreError> for JobError {
 /// Who is asking: `None` when authentication is off (sees everything).
 pub type Owner = Option<String>;
 
-/// What a submission may ask of the build besides the Dockerfile.
+/// What a submission asks for besides the Dockerfile (kept with it as `build-options.json`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BuildOptions {
     /// `--build-arg NAME=value` pairs (never `BUILDKIT_*`).
@@ -148,6 +159,13 @@ pub struct BuildOptions {
     /// `--target` stage.
     #[serde(default)]
     pub target: Option<String>,
+    /// The dataset (by its configured name) to mount read-only at `/input` in the run; never
+    /// in the build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// Where to POST the final answer (a host `[callbacks] allowed_hosts` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 impl BuildOptions {
@@ -171,6 +189,9 @@ impl BuildOptions {
 /// What a build ran with, kept in the job record (`build`) for audits.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BuildRecord {
+    /// Whether the build read the submission's own context (served by perfbox's session as
+    /// `local://context`).
+    pub context: bool,
     /// The cache scope tag (`job-<id>-<instance>` or `owner-<hash>-<instance>`).
     pub scope: String,
     /// Whose cache: "job" or "owner".

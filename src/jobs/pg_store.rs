@@ -12,7 +12,8 @@
 //!   end, its logs and spec (any node may show them, after the node that ran it is gone), in
 //!   `job_files`.
 //! - **Notices**: `NOTIFY perfbox` when work may be claimable (`work`) or a cancel is asked for
-//!   (`cancel:<id>`); one connection per node `LISTEN`s and reconnects when it drops.
+//!   (`cancel:<id>`) or a job ended (`ended:<id>`); one connection per node `LISTEN`s and
+//!   reconnects when it drops.
 //!
 //! The [`Store`] trait is synchronous (SQLite calls are microseconds); this store runs its async
 //! driver (tokio-postgres through a deadpool pool) on a runtime thread of its own, and each call
@@ -81,6 +82,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- Columns added after the first schema: ADD COLUMN IF NOT EXISTS, one per line, in order
 -- (each with a new SCHEMA_VERSION).
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS run_dir TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS usage TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS idempotency_key TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS dataset TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS callback TEXT;
 CREATE TABLE IF NOT EXISTS perfbox_schema (
     only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
     version INTEGER NOT NULL
@@ -89,6 +94,8 @@ CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (id) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, id);
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (claimed_by) WHERE status IN ('building', 'running');
 CREATE INDEX IF NOT EXISTS jobs_slot ON jobs (slot, claimed_by) WHERE slot IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs ((coalesce(submitter, owner, '')), idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS job_files (
     job_id BIGINT NOT NULL REFERENCES jobs (id),
     name TEXT NOT NULL,
@@ -106,7 +113,7 @@ CREATE TABLE IF NOT EXISTS nodes (
 ";
 
 /// The schema's version: bump it with every change to [`SCHEMA`].
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 /// The version of the schema in the database (0: none yet).
 async fn schema_version(c: &Object) -> Result<i32, StoreError> {
@@ -344,12 +351,18 @@ async fn listen(config: tokio_postgres::Config, notices: broadcast::Sender<Notic
                 } else {
                     let _ = notices.send(Notice::Work);
                     while let Some(payload) = msg_rx.recv().await {
-                        let notice = match payload.strip_prefix("cancel:") {
-                            Some(id) => match id.parse() {
+                        let notice = if let Some(id) = payload.strip_prefix("cancel:") {
+                            match id.parse() {
                                 Ok(id) => Notice::Cancel(id),
                                 Err(_) => continue,
-                            },
-                            None => Notice::Work,
+                            }
+                        } else if let Some(id) = payload.strip_prefix("ended:") {
+                            match id.parse() {
+                                Ok(id) => Notice::Ended(id),
+                                Err(_) => continue,
+                            }
+                        } else {
+                            Notice::Work
                         };
                         let _ = notices.send(notice);
                     }
@@ -399,6 +412,10 @@ fn record(r: &Row) -> JobRecord {
         attempt: r.get(const { col("attempt") }),
         claimed_by: r.get(const { col("claimed_by") }),
         run_dir: r.get(const { col("run_dir") }),
+        usage: json(const { col("usage") }),
+        idempotency_key: r.get(const { col("idempotency_key") }),
+        dataset: r.get(const { col("dataset") }),
+        callback: json(const { col("callback") }),
     }
 }
 
@@ -434,14 +451,19 @@ impl Store for PgStore {
     ) -> Result<JobRecord, StoreError> {
         // The caps are checked before the id is taken: nodes inserting at the same moment may
         // pass them by a few jobs (soft caps), never by more than the nodes inserting at once.
+        // An Idempotency-Key already taken is refused before the id is taken too; two inserts
+        // racing with one key are settled by the unique index.
         let who = job.submitter.to_owned();
-        let (queued, mine, id) = self.call(|c| async move {
+        let key = job.idempotency_key.map(str::to_owned);
+        let (queued, mine, id, taken) = self.call(|c| async move {
             let row = c
                 .query_one(
                     "SELECT count(*), count(*) FILTER (WHERE coalesce(submitter, owner, '') = $1),
-                            nextval(pg_get_serial_sequence('jobs', 'id'))
+                            nextval(pg_get_serial_sequence('jobs', 'id')),
+                            $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM jobs
+                                WHERE coalesce(submitter, owner, '') = $1 AND idempotency_key = $2)
                      FROM jobs WHERE status = 'queued'",
-                    &[&who],
+                    &[&who, &key],
                 )
                 .await
                 .map_err(pg)?;
@@ -449,15 +471,20 @@ impl Store for PgStore {
                 row.get::<_, i64>(0),
                 row.get::<_, i64>(1),
                 row.get::<_, i64>(2),
+                row.get::<_, bool>(3),
             ))
         })?;
+        if taken {
+            return Err(StoreError::DuplicateKey);
+        }
         caps.check(queued, mine)?;
         prepare(id).map_err(StoreError::Prepare)?;
-        let (filename, owner, submitter, sha) = (
+        let (filename, owner, submitter, sha, key) = (
             job.filename.to_owned(),
             job.owner.map(str::to_owned),
             job.submitter.to_owned(),
             job.dockerfile_sha256.to_owned(),
+            job.idempotency_key.map(str::to_owned),
         );
         let files: Vec<(String, Vec<u8>)> = job
             .files
@@ -469,14 +496,21 @@ impl Store for PgStore {
             let row = tx
                 .query_one(
                     &format!(
-                        "INSERT INTO jobs (id, filename, owner, submitter, status, dockerfile_sha256, created_at)
-                         VALUES ($1, $2, $3, $4, 'queued', $5, {NOW}) RETURNING {}",
+                        "INSERT INTO jobs (id, filename, owner, submitter, status, dockerfile_sha256,
+                                           created_at, idempotency_key)
+                         VALUES ($1, $2, $3, $4, 'queued', $5, {NOW}, $6) RETURNING {}",
                         *COLUMNS
                     ),
-                    &[&id, &filename, &owner, &submitter, &sha],
+                    &[&id, &filename, &owner, &submitter, &sha, &key],
                 )
                 .await
-                .map_err(pg)?;
+                .map_err(|e| {
+                    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                        StoreError::DuplicateKey
+                    } else {
+                        pg(e)
+                    }
+                })?;
             for (name, content) in &files {
                 tx.execute(
                     "INSERT INTO job_files (job_id, name, content) VALUES ($1, $2, $3)",
@@ -497,6 +531,28 @@ impl Store for PgStore {
         self.call(move |c| async move {
             let st = prepared(&c, &format!("SELECT {} FROM jobs WHERE id = $1", *COLUMNS)).await?;
             let row = c.query_opt(&st, &[&id]).await.map_err(pg)?;
+            Ok(row.as_ref().map(record))
+        })
+    }
+
+    fn by_idempotency_key(
+        &self,
+        submitter: &str,
+        key: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let (who, key) = (submitter.to_owned(), key.to_owned());
+        self.call(move |c| async move {
+            let row = c
+                .query_opt(
+                    &format!(
+                        "SELECT {} FROM jobs
+                         WHERE coalesce(submitter, owner, '') = $1 AND idempotency_key = $2",
+                        *COLUMNS
+                    ),
+                    &[&who, &key],
+                )
+                .await
+                .map_err(pg)?;
             Ok(row.as_ref().map(record))
         })
     }
@@ -589,12 +645,21 @@ impl Store for PgStore {
             Box::new(allowed),
         ];
         all.extend(params);
-        // No NOTIFY here: what frees capacity for others is a build slot, and the worker gives
-        // its slot back (release_build_slot, which notifies) before the job moves on. A NOTIFY
-        // serialises committing transactions, so it is sent only where it matters.
+        // No NOTIFY for capacity here: what frees it for others is a build slot, and the worker
+        // gives its slot back (release_build_slot, which notifies) before the job moves on. A
+        // NOTIFY serialises committing transactions, so it is sent only where it matters: once
+        // per job at its end (`ended:<id>`, for callers waiting on other nodes).
+        let ended = to.is_terminal().then(|| format!("ended:{id}"));
         let row = self.call(move |c| async move {
             let st = prepared(&c, &sql).await?;
-            c.query_opt(&st, &refs(&all)).await.map_err(pg)
+            let row = c.query_opt(&st, &refs(&all)).await.map_err(pg)?;
+            if let (Some(_), Some(payload)) = (&row, &ended) {
+                // Best effort: a waiter also looks again every second.
+                let _ = c
+                    .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, payload])
+                    .await;
+            }
+            Ok(row)
         })?;
         match row {
             Some(r) => Ok(record(&r)),

@@ -131,18 +131,26 @@ impl JobService {
         let cgroup = self
             .build_cgroup(&scope)
             .map_err(failed("cannot prepare the build's cgroup"))?;
-        *record = Some(self.build_record(&scope, cgroup.as_deref()));
+        // The submission's own files, unpacked again here (checked at submission; checked
+        // again, since a shared store may hand them over from another node).
+        let context = self
+            .unpack_context(dir)
+            .map_err(failed("the build context"))?;
+        *record = Some(self.build_record(&scope, cgroup.as_deref(), context.is_some()));
         let started = Instant::now();
         let sha = hex::encode(Sha256::digest(&dockerfile));
         // An identical Dockerfile of the same scope (owner scope only: with the job scope
         // nothing is shared) reuses its image without a build.
         let alias_key = (self.inner.cfg.build.cache_scope == CacheScope::Owner
-            && options == super::BuildOptions::default())
+            && options.build_args.is_empty()
+            && options.target.is_none()
+            && context.is_none())
         .then(|| hex::encode(Sha256::digest(format!("{scope}\n{sha}").as_bytes())));
         let image = match self.cached_image(alias_key.as_deref(), &log) {
             Some(image) => image,
             None => {
                 let (mut req, staged) = self.build_request(dockerfile, options, &scope, cancel)?;
+                req.context_dir = context.clone();
                 req.cgroup_parent = cgroup.as_ref().map(|cg| cg.frontend_parent().to_owned());
                 let built = self.build(req, &log, cgroup.as_deref()).await;
                 if let (
@@ -425,6 +433,8 @@ impl JobService {
         });
         // runtime, cgroup and limits were recorded when the spec was written (prepare_run).
         patch.oom_killed = Some(report.oom_killed);
+        patch.usage = serde_json::to_value(&report.usage).ok();
+        self.inner.metrics.observe_usage(&report.usage);
         (status, patch)
     }
 
@@ -442,6 +452,21 @@ impl JobService {
             "perfbox-{id}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        // The dataset it asked for, by name, from this node's config (checked at submission;
+        // a node configured otherwise fails the job rather than run it without).
+        let dataset = dir.build_options().dataset;
+        let input = match &dataset {
+            None => None,
+            Some(name) => match self.inner.cfg.dataset(name) {
+                Some(d) => Some(d.path.clone()),
+                None => {
+                    return Err((
+                        JobStatus::RunFailed,
+                        format!("dataset {name:?} is not configured on this node"),
+                    ));
+                }
+            },
+        };
         let prepared = self
             .inner
             .runner
@@ -451,6 +476,7 @@ impl JobService {
                 image: config,
                 container_id: &container_id,
                 limits: None,
+                input: input.as_deref(),
                 cancel: cancel.child_token(),
             })
             .await
@@ -469,6 +495,7 @@ impl JobService {
             run_dir: std::path::absolute(dir.path())
                 .ok()
                 .map(|p| p.display().to_string()),
+            dataset,
             holder: self.holder(id),
             ..Patch::default()
         };
@@ -504,10 +531,33 @@ impl JobService {
     }
 
     /// What a build in `scope` runs with, for its record.
-    fn build_record(&self, scope: &str, cgroup: Option<&BuildCgroup>) -> BuildRecord {
+    /// The job's context archive, if it brought one, unpacked into `<job>/context` (afresh).
+    fn unpack_context(&self, dir: &JobDir) -> Result<Option<PathBuf>, String> {
+        let Some(archive) = dir.context_archive() else {
+            return Ok(None);
+        };
+        let target = dir.context_dir();
+        let _ = std::fs::remove_dir_all(&target);
+        std::fs::create_dir_all(&target).map_err(|e| e.to_string())?;
+        super::context::unpack(&archive, &target, self.inner.cfg.context_caps())
+            .map_err(|e| e.to_string())?;
+        Ok(Some(target))
+    }
+
+    fn build_record(
+        &self,
+        scope: &str,
+        cgroup: Option<&BuildCgroup>,
+        context: bool,
+    ) -> BuildRecord {
         let cfg = &self.inner.cfg;
-        let policy = &self.inner.policy;
+        let policy = &if context {
+            self.inner.policy.clone().with_context()
+        } else {
+            self.inner.policy.clone()
+        };
         BuildRecord {
+            context,
             scope: scope.to_owned(),
             cache_scope: cfg.build.cache_scope,
             network: cfg.build_network,

@@ -53,6 +53,9 @@ pub(super) struct Inner {
     pub(super) owner_runs: super::quota::OwnerSlots,
     /// Each owner's submissions per minute (on this node).
     rate: super::quota::RateLimiter,
+    /// Bumped whenever a job ends (here, or on another node as its notice tells): what
+    /// [`JobService::wait_final`] waits on.
+    ended: tokio::sync::watch::Sender<u64>,
     /// What every build may fetch.
     pub(super) policy: SourcePolicy,
     /// Where builds get cgroups of their own.
@@ -76,6 +79,30 @@ pub(super) struct Inner {
     pub(super) images: images::ImageCache,
     /// Signs result receipts.
     receipt_key: super::receipt::ReceiptKey,
+}
+
+/// What a submission brings.
+#[derive(Debug, Clone, Copy)]
+pub struct Submission<'a> {
+    /// The uploaded file's name (display only).
+    pub filename: &'a str,
+    /// The Dockerfile (None: the `Dockerfile` at the context's root).
+    pub dockerfile: Option<&'a [u8]>,
+    /// The build context archive (tar, tar.gz or zip), if any.
+    pub context: Option<&'a [u8]>,
+    /// Build args, target, dataset, callback.
+    pub options: &'a BuildOptions,
+    /// Its `Idempotency-Key`, if any.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// What a submission made.
+#[derive(Debug)]
+pub struct Submitted {
+    /// The job.
+    pub job: JobRecord,
+    /// Whether an earlier submission with the same `Idempotency-Key` made it.
+    pub replayed: bool,
 }
 
 /// The job service (cheap to clone).
@@ -218,6 +245,7 @@ impl JobService {
             run_slots: Arc::new(Semaphore::new(cfg.max_concurrent_runs)),
             owner_runs: super::quota::OwnerSlots::new(cfg.quotas.runs_per_owner),
             rate: super::quota::RateLimiter::new(cfg.quotas.submissions_per_minute),
+            ended: tokio::sync::watch::Sender::new(0),
             policy,
             build_cgroups,
             live_build_cgroups: Mutex::new(HashMap::new()),
@@ -249,6 +277,7 @@ impl JobService {
         loop {
             match notices.recv().await {
                 Ok(Notice::Work) | Err(RecvError::Lagged(_)) => self.inner.wake.notify_one(),
+                Ok(Notice::Ended(_)) => self.job_ended(),
                 Ok(Notice::Cancel(id)) => {
                     let active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some((token, _)) = active.get(&id) {
@@ -258,6 +287,33 @@ impl JobService {
                 }
                 Err(RecvError::Closed) => return,
             }
+        }
+    }
+
+    /// A job ended: wake whoever waits for one ([`Self::wait_final`]).
+    pub(super) fn job_ended(&self) {
+        self.inner.ended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Job `id` once it is final, or as it is after `within` (whichever comes first). Woken by
+    /// the end of any job on this node or, through the store's notices, on another; it looks
+    /// again every second too, for ends no notice told of.
+    pub async fn wait_final(
+        &self,
+        id: JobId,
+        owner: &Owner,
+        within: Duration,
+    ) -> Result<JobRecord, JobError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut ended = self.inner.ended.subscribe();
+        loop {
+            ended.borrow_and_update();
+            let rec = self.get(id, owner)?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if rec.status.is_terminal() || left.is_zero() {
+                return Ok(rec);
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), ended.changed()).await;
         }
     }
 
@@ -373,7 +429,10 @@ impl JobService {
                 );
                 self.inner.wake.notify_one();
             }
-            Ok(r) => tracing::warn!(job = id, status = %r.status, "its node is gone: {why}"),
+            Ok(r) => {
+                tracing::warn!(job = id, status = %r.status, "its node is gone: {why}");
+                self.job_ended();
+            }
             Err(StoreError::Fenced { .. } | StoreError::NotFound(_)) => {} // someone else did
             Err(e) => return Err(e.into()),
         }
@@ -400,7 +459,92 @@ impl JobService {
         submitter: &str,
         options: &BuildOptions,
     ) -> Result<JobRecord, JobError> {
+        let s = Submission {
+            filename,
+            dockerfile: Some(dockerfile),
+            context: None,
+            options,
+            idempotency_key: None,
+        };
+        self.submit_once(&s, owner, submitter).map(|s| s.job)
+    }
+
+    /// [`Self::submit`] of a whole [`Submission`], at most once per idempotency key (and
+    /// submitter): a repeated key answers the job the first submission made (`replayed`),
+    /// provided it carried the same Dockerfile, and counts against no quota.
+    pub fn submit_once(
+        &self,
+        sub: &Submission<'_>,
+        owner: Owner,
+        submitter: &str,
+    ) -> Result<Submitted, JobError> {
+        let options = sub.options;
+        let idempotency_key = sub.idempotency_key;
+        if let Some(key) = idempotency_key
+            && (key.is_empty()
+                || key.len() > 255
+                || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        {
+            return Err(JobError::InvalidRequest(
+                "Idempotency-Key must be 1-255 printable ASCII characters".into(),
+            ));
+        }
+        // The context first: the Dockerfile may come from its root.
+        let from_context = match sub.context {
+            None => None,
+            Some(archive) => {
+                let max = self.inner.cfg.context.max_archive_bytes;
+                if archive.len() as u64 > max {
+                    return Err(JobError::InvalidRequest(format!(
+                        "the context archive is {} bytes; the limit is {max}",
+                        archive.len()
+                    )));
+                }
+                let (_, dockerfile) = super::context::check(archive, self.inner.cfg.context_caps())
+                    .map_err(|e| JobError::InvalidRequest(e.to_string()))?;
+                dockerfile
+            }
+        };
+        let dockerfile: &[u8] = match (sub.dockerfile, &from_context) {
+            (Some(d), _) => d,
+            (None, Some(d)) => d,
+            (None, None) => {
+                return Err(JobError::InvalidRequest(if sub.context.is_some() {
+                    "no Dockerfile: send it in the \"file\" field or at the context's root".into()
+                } else {
+                    "no Dockerfile: send it in the \"file\" field".into()
+                }));
+            }
+        };
+        if let Some(key) = idempotency_key
+            && let Some(job) = self.replay(submitter, key, dockerfile)?
+        {
+            return Ok(job);
+        }
         options.validate()?;
+        if let Some(url) = &options.callback_url {
+            super::callback::check_url(url, &self.inner.cfg.callbacks.allowed_hosts)
+                .map_err(JobError::InvalidRequest)?;
+        }
+        if let Some(name) = &options.dataset
+            && self.inner.cfg.dataset(name).is_none()
+        {
+            let known: Vec<&str> = self
+                .inner
+                .cfg
+                .datasets
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect();
+            return Err(JobError::InvalidRequest(format!(
+                "unknown dataset {name:?}; this service has: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
         let max = self.inner.cfg.max_dockerfile_bytes;
         if dockerfile.len() > max {
             return Err(JobError::TooLarge {
@@ -421,17 +565,19 @@ impl JobService {
                 "the Dockerfile contains NUL bytes".into(),
             ));
         }
-        let filename = sanitize_filename(filename);
+        let filename = sanitize_filename(sub.filename);
         let sha = hex::encode(Sha256::digest(dockerfile));
-        let files = JobDir::submission(dockerfile, options)?;
-        let files = files
-            .each_ref()
-            .map(|(name, content)| (*name, content.as_slice()));
+        let files = JobDir::submission(dockerfile, options, sub.context)?;
+        let files: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(name, content)| (*name, content.as_slice()))
+            .collect();
         let new = NewJob {
             filename: &filename,
             owner: owner.as_deref(),
             submitter,
             dockerfile_sha256: &sha,
+            idempotency_key,
             files: &files,
         };
         // Only a submission that would be queued counts against the rate.
@@ -452,9 +598,10 @@ impl JobService {
             .store
             .insert(&new, caps, &mut |id| {
                 let dir = self.job_dir(id);
-                dir.create(dockerfile, options).inspect_err(|_| {
-                    let _ = std::fs::remove_dir_all(dir.path());
-                })
+                dir.create(dockerfile, options, sub.context)
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_dir_all(dir.path());
+                    })
             })
             .map_err(|e| match e {
                 StoreError::OwnerQueueFull(queued) => JobError::OwnerQueueFull {
@@ -462,9 +609,41 @@ impl JobService {
                     max: caps.per_submitter,
                 },
                 e => e.into(),
-            })?;
+            });
+        let rec = match (rec, idempotency_key) {
+            // The same key, sent twice at once: the other request made the job.
+            (Err(JobError::Store(StoreError::DuplicateKey)), Some(key)) => {
+                return self
+                    .replay(submitter, key, dockerfile)?
+                    .ok_or(JobError::Store(StoreError::DuplicateKey));
+            }
+            (rec, _) => rec?,
+        };
         self.inner.wake.notify_one();
-        Ok(rec)
+        Ok(Submitted {
+            job: rec,
+            replayed: false,
+        })
+    }
+
+    /// The job an earlier submission with `key` made, if any; refused if it was another
+    /// Dockerfile.
+    fn replay(
+        &self,
+        submitter: &str,
+        key: &str,
+        dockerfile: &[u8],
+    ) -> Result<Option<Submitted>, JobError> {
+        let Some(job) = self.inner.store.by_idempotency_key(submitter, key)? else {
+            return Ok(None);
+        };
+        if job.dockerfile_sha256 != hex::encode(Sha256::digest(dockerfile)) {
+            return Err(JobError::IdempotencyMismatch { id: job.id });
+        }
+        Ok(Some(Submitted {
+            job,
+            replayed: true,
+        }))
     }
 
     /// A job, if `owner` may see it.
@@ -510,6 +689,7 @@ impl JobService {
                 job_dir: dir.path(),
                 seccomp_digest: &seccomp_digest,
                 frontend: super::pipeline::FRONTEND,
+                datasets: &self.inner.cfg.datasets,
             },
         ))
     }
@@ -577,7 +757,10 @@ impl JobService {
                     ..Default::default()
                 };
                 match self.inner.store.transition(id, JobStatus::Cancelled, patch) {
-                    Ok(rec) => return Ok(rec),
+                    Ok(rec) => {
+                        self.job_ended();
+                        return Ok(rec);
+                    }
                     Err(StoreError::IncorrectStatus { .. }) => continue, // claimed meanwhile
                     Err(e) => return Err(e.into()),
                 }
@@ -589,10 +772,12 @@ impl JobService {
             error: Some("cancelled by request; no worker held it".into()),
             ..Default::default()
         };
-        Ok(self
+        let rec = self
             .inner
             .store
-            .transition(id, JobStatus::Cancelled, patch)?)
+            .transition(id, JobStatus::Cancelled, patch)?;
+        self.job_ended();
+        Ok(rec)
     }
 
     /// Cancel a job another node works on: ask its holder (through the store) and wait for

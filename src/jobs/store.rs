@@ -104,10 +104,21 @@ pub struct JobRecord {
     /// The job's directory on the node that ran it (its `out/` is the run's `/data`): what
     /// an audit on any node checks the spec's one bind mount against.
     pub run_dir: Option<String>,
+    /// What the run used, measured by the host: wall, CPU (user, system) and peak memory, and
+    /// where the numbers come from (JSON as stored, see [`crate::sandbox::Usage`]).
+    pub usage: Option<Box<RawValue>>,
+    /// The submission's `Idempotency-Key`, if it had one (unique per submitter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The dataset mounted read-only at `/input` in the run, by name.
+    pub dataset: Option<String>,
+    /// What became of the submission's callback (JSON as stored, see
+    /// [`super::callback::Delivery`]).
+    pub callback: Option<Box<RawValue>>,
 }
 
 /// The columns of a record (what every query selects, in this order).
-const NAMES: [&str; 28] = [
+const NAMES: [&str; 32] = [
     "id",
     "filename",
     "owner",
@@ -136,6 +147,10 @@ const NAMES: [&str; 28] = [
     "attempt",
     "claimed_by",
     "run_dir",
+    "usage",
+    "idempotency_key",
+    "dataset",
+    "callback",
 ];
 
 /// [`NAMES`], comma-separated, for `SELECT`.
@@ -202,7 +217,26 @@ impl JobRecord {
             attempt: r.get(const { col("attempt") })?,
             claimed_by: r.get(const { col("claimed_by") })?,
             run_dir: r.get(const { col("run_dir") })?,
+            usage: json(const { col("usage") })?,
+            idempotency_key: r.get(const { col("idempotency_key") })?,
+            dataset: r.get(const { col("dataset") })?,
+            callback: json(const { col("callback") })?,
         })
+    }
+
+    /// The answer `GET /job/performance/{id}` gives (and a callback carries): the perf of a
+    /// succeeded job, the error of a failed one, the phase of one under way.
+    pub fn answer(&self) -> serde_json::Value {
+        use serde_json::json;
+        let (id, s) = (self.id, self.status);
+        match s {
+            JobStatus::Succeeded => json!({ "job": id, "status": s, "perf": self.perf }),
+            s if !s.is_terminal() => json!({ "job": id, "status": s, "info": s.info() }),
+            s => json!({
+                "job": id, "status": s,
+                "error": self.error.clone().unwrap_or_else(|| s.to_string()),
+            }),
+        }
     }
 
     /// [`Self::build`], parsed.
@@ -244,6 +278,12 @@ pub struct Patch {
     pub runtime_version: Option<String>,
     /// run_dir
     pub run_dir: Option<String>,
+    /// usage
+    pub usage: Option<serde_json::Value>,
+    /// dataset
+    pub dataset: Option<String>,
+    /// callback
+    pub callback: Option<serde_json::Value>,
     /// Not a field: when set, the write happens only if this node still holds the job under
     /// this attempt (fencing: a node that lost its lease, and whose job was queued again and
     /// claimed by another, cannot write over the new attempt).
@@ -326,6 +366,9 @@ impl Patch {
             ("spec_sha256", text(&self.spec_sha256)),
             ("runtime_version", text(&self.runtime_version)),
             ("run_dir", text(&self.run_dir)),
+            ("usage", json(&self.usage)),
+            ("dataset", text(&self.dataset)),
+            ("callback", json(&self.callback)),
         ]
         .into_iter()
         .filter_map(|(column, value)| value.map(|v| (column, v)))
@@ -344,6 +387,9 @@ pub struct NewJob<'a> {
     pub submitter: &'a str,
     /// sha256 of the Dockerfile.
     pub dockerfile_sha256: &'a str,
+    /// The submission's `Idempotency-Key`: a second insert with the same key and submitter is
+    /// refused ([`StoreError::DuplicateKey`]).
+    pub idempotency_key: Option<&'a str>,
     /// The submission's files (name, content), for a store that other nodes share: they run
     /// the job from these ([`Store::files`]). A store of one node ignores them (`prepare` put
     /// them in the job's directory).
@@ -407,6 +453,8 @@ pub enum Notice {
     Work,
     /// Someone asked to cancel this job (its holder stops it).
     Cancel(JobId),
+    /// This job reached a final status (whoever waits for it may look).
+    Ended(JobId),
 }
 
 /// What a worker asks for when it claims a job.
@@ -444,6 +492,9 @@ pub enum StoreError {
     /// The queue holds as many jobs as allowed.
     #[error("the queue is full ({0} jobs waiting)")]
     QueueFull(i64),
+    /// The submitter already has a job with this `Idempotency-Key`.
+    #[error("a job with this Idempotency-Key exists")]
+    DuplicateKey,
     /// The submitter has as many jobs waiting as one submitter may.
     #[error("{0} of your jobs are already waiting")]
     OwnerQueueFull(i64),
@@ -489,6 +540,12 @@ pub trait Store: Send + Sync {
     ) -> Result<JobRecord, StoreError>;
     /// One job.
     fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+    /// The submitter's job with this `Idempotency-Key`, if any.
+    fn by_idempotency_key(
+        &self,
+        submitter: &str,
+        key: &str,
+    ) -> Result<Option<JobRecord>, StoreError>;
     /// A page of jobs, newest first, optionally only one owner's, with ids below `before`.
     fn list(
         &self,
@@ -636,6 +693,16 @@ const MIGRATIONS: &[Migration] = &[
             heartbeat_at REAL NOT NULL
         )",
     ),
+    // 8: what a run used and its dataset, and idempotent submissions (one job per submitter
+    // and key).
+    Migration::AddColumn("usage", "TEXT"),
+    Migration::AddColumn("dataset", "TEXT"),
+    Migration::AddColumn("callback", "TEXT"),
+    Migration::AddColumn("idempotency_key", "TEXT"),
+    Migration::Sql(
+        "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
+         ON jobs(coalesce(submitter, owner, ''), idempotency_key) WHERE idempotency_key IS NOT NULL",
+    ),
 ];
 
 /// The embedded store: one SQLite file.
@@ -710,6 +777,19 @@ impl Store for SqliteStore {
     ) -> Result<JobRecord, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
+        if let Some(key) = job.idempotency_key {
+            let taken = tx
+                .query_row(
+                    "SELECT 1 FROM jobs WHERE coalesce(submitter, owner, '') = ?1
+                       AND idempotency_key = ?2",
+                    [job.submitter, key],
+                    |_| Ok(()),
+                )
+                .optional()?;
+            if taken.is_some() {
+                return Err(StoreError::DuplicateKey);
+            }
+        }
         let (queued, mine): (i64, i64) = tx.query_row(
             "SELECT count(*), count(*) FILTER (WHERE coalesce(submitter, owner, '') = ?1)
              FROM jobs WHERE status = 'queued'",
@@ -718,14 +798,16 @@ impl Store for SqliteStore {
         )?;
         caps.check(queued, mine)?;
         tx.execute(
-            "INSERT INTO jobs (filename, owner, submitter, status, dockerfile_sha256, created_at)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+            "INSERT INTO jobs (filename, owner, submitter, status, dockerfile_sha256, created_at,
+                               idempotency_key)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
             params![
                 job.filename,
                 job.owner,
                 job.submitter,
                 job.dockerfile_sha256,
-                now()
+                now(),
+                job.idempotency_key,
             ],
         )?;
         let rec = select_one(&tx, tx.last_insert_rowid())?;
@@ -739,6 +821,21 @@ impl Store for SqliteStore {
         let mut stmt =
             conn.prepare_cached(&format!("SELECT {} FROM jobs WHERE id = ?1", *COLUMNS))?;
         Ok(stmt.query_row([id], JobRecord::from_row).optional()?)
+    }
+
+    fn by_idempotency_key(
+        &self,
+        submitter: &str,
+        key: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {} FROM jobs WHERE coalesce(submitter, owner, '') = ?1 AND idempotency_key = ?2",
+            *COLUMNS
+        ))?;
+        Ok(stmt
+            .query_row([submitter, key], JobRecord::from_row)
+            .optional()?)
     }
 
     fn list(
@@ -1070,6 +1167,7 @@ mod tests {
             owner: None,
             submitter: "a",
             dockerfile_sha256: "abc",
+            idempotency_key: None,
             files: &[],
         };
         let store = SqliteStore::open(&path).unwrap();

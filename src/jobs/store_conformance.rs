@@ -35,6 +35,10 @@ pub const ALL: &[(&str, Test)] = &[
         claims_take_turns_between_owners,
     ),
     (
+        "an_idempotency_key_makes_one_job_per_submitter",
+        idempotency_keys,
+    ),
+    (
         "stale_jobs_are_the_restarted_nodes_and_expired_leases",
         stale_jobs,
     ),
@@ -61,6 +65,7 @@ fn job<'a>(owner: Option<&'a str>, submitter: &'a str) -> NewJob<'a> {
         owner,
         submitter,
         dockerfile_sha256: "abc",
+        idempotency_key: None,
         files: &[("Dockerfile", b"FROM scratch\n")],
     }
 }
@@ -249,6 +254,33 @@ pub fn a_submitters_queue_share_is_capped(new: Maker<'_>) {
     store.claim(&claim("n1", 1, 1)).unwrap().unwrap();
     store.insert(&job(Some("a"), "a"), caps, &mut ok).unwrap();
     assert_eq!(store.count(None).unwrap(), 4);
+}
+
+/// A submitter's second insert with a key it used is refused (before its files are written),
+/// and the first job is found by the key; another submitter may use the same key.
+pub fn idempotency_keys(new: Maker<'_>) {
+    let store = new();
+    let keyed = |who: &'static str| NewJob {
+        idempotency_key: Some("k-1"),
+        ..job(Some(who), who)
+    };
+    let first = store.insert(&keyed("a"), 10.into(), &mut ok).unwrap();
+    let mut prepared = false;
+    assert!(matches!(
+        store.insert(&keyed("a"), 10.into(), &mut |_| {
+            prepared = true;
+            Ok(())
+        }),
+        Err(StoreError::DuplicateKey)
+    ));
+    assert!(!prepared, "a refused insert writes no files");
+    let found = store.by_idempotency_key("a", "k-1").unwrap().unwrap();
+    assert_eq!(found.id, first.id);
+    assert_eq!(found.idempotency_key.as_deref(), Some("k-1"));
+    let other = store.insert(&keyed("b"), 10.into(), &mut ok).unwrap();
+    assert_ne!(other.id, first.id);
+    assert!(store.by_idempotency_key("a", "k-2").unwrap().is_none());
+    assert_eq!(store.count(None).unwrap(), 2);
 }
 
 /// The owner with the fewest jobs building or running goes first (FIFO among equals): a flood

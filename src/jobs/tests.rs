@@ -291,6 +291,7 @@ async fn a_restart_interrupts_what_the_service_held_and_keeps_the_rest() {
             owner: None,
             submitter: "anyone",
             dockerfile_sha256: "x",
+            idempotency_key: None,
             files: &[],
         };
         let mut prepare = |id: JobId| {
@@ -298,6 +299,7 @@ async fn a_restart_interrupts_what_the_service_held_and_keeps_the_rest() {
             dir.create(
                 b"# fake: perf=0.125\nFROM busybox\n",
                 &BuildOptions::default(),
+                None,
             )
         };
         for _ in 0..3 {

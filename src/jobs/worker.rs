@@ -162,6 +162,53 @@ impl JobService {
         dir.restore(&files).map_err(super::StoreError::Prepare)
     }
 
+    /// The job's callback, if its submission asked for one: its final answer POSTed in the
+    /// background, the outcome then written into its record.
+    fn call_back(&self, id: super::JobId) {
+        let Some(url) = self.job_dir(id).build_options().callback_url else {
+            return;
+        };
+        let cfg = &self.inner.cfg.callbacks;
+        let url = match super::callback::check_url(&url, &cfg.allowed_hosts) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(job = id, "callback not sent: {e}");
+                return;
+            }
+        };
+        let secret = cfg.secret.clone().unwrap_or_default();
+        let attempts = cfg.max_attempts;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(Some(rec)) = me.inner.store.get(id) else {
+                return;
+            };
+            let body = rec.answer().to_string();
+            let d = super::callback::deliver(
+                &url,
+                body.as_bytes(),
+                secret.as_bytes(),
+                id,
+                attempts,
+                Duration::from_secs(1),
+            )
+            .await;
+            tracing::info!(
+                job = id,
+                delivered = d.delivered,
+                attempts = d.attempts,
+                "callback"
+            );
+            let patch = super::Patch {
+                callback: serde_json::to_value(&d).ok(),
+                ..Default::default()
+            };
+            if let Err(e) = me.inner.store.annotate(id, rec.status, patch) {
+                tracing::warn!(job = id, "the callback's outcome was not recorded: {e}");
+            }
+        });
+    }
+
     /// Record a job's end (with a shared store, its logs and spec first), retrying while the
     /// database is unreachable; a refused write (this node lost the job, or it was cancelled
     /// meanwhile) is logged, never retried.
@@ -187,7 +234,11 @@ impl JobService {
             })
             .await;
         match written {
-            Ok(()) => tracing::info!(job = id, status = %status, "job finished"),
+            Ok(()) => {
+                tracing::info!(job = id, status = %status, "job finished");
+                self.job_ended();
+                self.call_back(id);
+            }
             Err(e) => {
                 tracing::warn!(job = id, error = %e, status = %status, "the job's end was not recorded")
             }

@@ -16,8 +16,11 @@ use sha2::{Digest, Sha256};
 /// What the rules compare the spec with.
 #[derive(Debug, Clone)]
 pub struct Expect<'a> {
-    /// The job's own output directory: the one host path allowed, at `/data`.
+    /// The job's own output directory: the one writable host path allowed, at `/data`.
     pub out_dir: &'a Path,
+    /// The dataset the job asked for (its configured path): the one other host path allowed,
+    /// read-only at `/input`.
+    pub dataset: Option<&'a Path>,
     /// The digest ([`seccomp_digest`]) of the seccomp section the sandbox writes.
     pub seccomp_digest: &'a str,
     /// What the job record says applied (`limits`), when the record has it.
@@ -96,7 +99,7 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         name: "only_data_from_host",
-        requires: "no host bind mount but the job's own output directory at /data, read-write, nosuid, nodev",
+        requires: "no host bind mount but the job's own output directory at /data (read-write, nosuid, nodev) and the dataset it asked for at /input (read-only, nosuid, nodev, noexec)",
         check: only_data_from_host,
     },
     Rule {
@@ -331,6 +334,7 @@ const KERNEL_MOUNTS: [&str; 7] = [
 
 fn only_data_from_host(spec: &Value, expect: &Expect<'_>) -> Verdict {
     let mut data = None;
+    let mut input = None;
     for (i, m) in array(spec, "/mounts").iter().enumerate() {
         let e = at(spec, &format!("/mounts/{i}"));
         let options: Vec<&str> = m["options"]
@@ -350,8 +354,26 @@ fn only_data_from_host(spec: &Value, expect: &Expect<'_>) -> Verdict {
             }
             continue;
         }
-        let is_data = m["destination"] == "/data"
-            && m["source"].as_str().map(Path::new) == Some(expect.out_dir);
+        let source = m["source"].as_str().map(Path::new);
+        if m["destination"] == "/input"
+            && input.is_none()
+            && source.is_some()
+            && source == expect.dataset
+        {
+            let sealed = ["ro", "nosuid", "nodev", "noexec"]
+                .iter()
+                .all(|o| options.contains(o));
+            if !sealed || options.contains(&"rw") || options.contains(&"rbind") {
+                return (
+                    false,
+                    "/input is not read-only, nosuid, nodev, noexec and non-recursive".into(),
+                    vec![e],
+                );
+            }
+            input = Some(e);
+            continue;
+        }
+        let is_data = m["destination"] == "/data" && source == Some(expect.out_dir);
         if !is_data || data.is_some() {
             return (
                 false,
@@ -369,12 +391,26 @@ fn only_data_from_host(spec: &Value, expect: &Expect<'_>) -> Verdict {
         }
         data = Some(e);
     }
+    if expect.dataset.is_some() && input.is_none() {
+        return (
+            false,
+            "the job asked for a dataset but no /input mount of it is there".into(),
+            vec![at(spec, "/mounts")],
+        );
+    }
     match data {
-        Some(e) => (
-            true,
-            "the job's own output dir at /data is the only host path".into(),
-            vec![e],
-        ),
+        Some(e) => match input {
+            None => (
+                true,
+                "the job's own output dir at /data is the only host path".into(),
+                vec![e],
+            ),
+            Some(i) => (
+                true,
+                "the job's own output dir at /data and its dataset, read-only at /input, are the only host paths".into(),
+                vec![e, i],
+            ),
+        },
         None => (
             false,
             "no /data mount of the job's output dir".into(),
@@ -551,6 +587,7 @@ mod tests {
         let input = SpecInput {
             rootfs: "/var/lib/perfbox/images/x/rootfs".into(),
             out_dir: "/var/lib/perfbox/jobs/7/out".into(),
+            input: None,
             args: vec!["true".into()],
             env: vec![],
             cwd: "/".into(),
@@ -577,6 +614,7 @@ mod tests {
             spec,
             &Expect {
                 out_dir: Path::new("/var/lib/perfbox/jobs/7/out"),
+                dataset: None,
                 seccomp_digest: digest,
                 applied: Some(applied),
             },

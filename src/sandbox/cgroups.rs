@@ -263,6 +263,77 @@ impl CgroupHost {
     }
 }
 
+/// What a job's cgroup counted: CPU time (nanoseconds: all, user, system) and peak memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    /// CPU time in all.
+    pub cpu_ns: Option<u64>,
+    /// CPU time in user mode.
+    pub user_ns: Option<u64>,
+    /// CPU time in the kernel.
+    pub system_ns: Option<u64>,
+    /// Most memory charged at once.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+impl CgroupUsage {
+    /// Whether it says anything.
+    pub fn is_empty(&self) -> bool {
+        self.cpu_ns.is_none() && self.peak_memory_bytes.is_none()
+    }
+}
+
+/// `key value` lines (cpu.stat, memory.events): the value of `key`.
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+impl CgroupHost {
+    /// What a container's cgroup counted so far (it must still exist): on v2 `cpu.stat` and
+    /// `memory.peak`; on v1 `cpuacct.usage{,_user,_sys}` and `memory.max_usage_in_bytes`.
+    pub fn usage(&self, container_id: &str) -> Option<CgroupUsage> {
+        self.usage_in(Path::new(CGROUP_ROOT), container_id)
+    }
+
+    /// [`usage`](Self::usage) with an injectable cgroupfs root (for tests).
+    pub fn usage_in(&self, root: &Path, container_id: &str) -> Option<CgroupUsage> {
+        let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+        let num = |p: PathBuf| read(p).and_then(|t| t.trim().parse::<u64>().ok());
+        let u = match self {
+            CgroupHost::V2 { parent, .. } => {
+                let dir = root.join(parent.trim_start_matches('/')).join(container_id);
+                let stat = read(dir.join("cpu.stat")).unwrap_or_default();
+                let us = |k| keyed(&stat, k).map(|v| v * 1000);
+                CgroupUsage {
+                    cpu_ns: us("usage_usec"),
+                    user_ns: us("user_usec"),
+                    system_ns: us("system_usec"),
+                    peak_memory_bytes: num(dir.join("memory.peak")),
+                }
+            }
+            CgroupHost::V1 { parent, .. } => {
+                let rel = parent.trim_start_matches('/');
+                let cpu = root.join("cpuacct").join(rel).join(container_id);
+                CgroupUsage {
+                    cpu_ns: num(cpu.join("cpuacct.usage")),
+                    user_ns: num(cpu.join("cpuacct.usage_user")),
+                    system_ns: num(cpu.join("cpuacct.usage_sys")),
+                    peak_memory_bytes: num(root
+                        .join("memory")
+                        .join(rel)
+                        .join(container_id)
+                        .join("memory.max_usage_in_bytes")),
+                }
+            }
+            CgroupHost::Unavailable { .. } => return None,
+        };
+        (!u.is_empty()).then_some(u)
+    }
+}
+
 /// The leaf child a delegated service moves itself into (see [`prepare_delegated_v2`]).
 pub const SERVICE_LEAF: &str = "service";
 
@@ -370,6 +441,56 @@ pub fn prepare_delegated_v2_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_reads_v2_and_v1_counters() {
+        let root = tempfile::tempdir().unwrap();
+        let job = root.path().join("perfbox/job1");
+        std::fs::create_dir_all(&job).unwrap();
+        std::fs::write(
+            job.join("cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n",
+        )
+        .unwrap();
+        std::fs::write(job.join("memory.peak"), "104857600\n").unwrap();
+        let v2 = CgroupHost::V2 {
+            parent: "/perfbox".into(),
+            controllers: vec![Controller::Memory],
+        };
+        assert_eq!(
+            v2.usage_in(root.path(), "job1"),
+            Some(CgroupUsage {
+                cpu_ns: Some(1_500_000),
+                user_ns: Some(1_000_000),
+                system_ns: Some(500_000),
+                peak_memory_bytes: Some(104_857_600),
+            })
+        );
+        assert_eq!(
+            v2.usage_in(root.path(), "gone"),
+            None,
+            "a removed cgroup says nothing"
+        );
+        let v1root = tempfile::tempdir().unwrap();
+        let cpu = v1root.path().join("cpuacct/perfbox/job1");
+        let mem = v1root.path().join("memory/perfbox/job1");
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::create_dir_all(&mem).unwrap();
+        std::fs::write(cpu.join("cpuacct.usage"), "7000\n").unwrap();
+        std::fs::write(cpu.join("cpuacct.usage_user"), "4000\n").unwrap();
+        std::fs::write(cpu.join("cpuacct.usage_sys"), "3000\n").unwrap();
+        std::fs::write(mem.join("memory.max_usage_in_bytes"), "4096\n").unwrap();
+        let v1 = CgroupHost::V1 {
+            parent: "/perfbox".into(),
+            controllers: vec![Controller::Memory],
+        };
+        let u = v1.usage_in(v1root.path(), "job1").unwrap();
+        assert_eq!(
+            (u.cpu_ns, u.user_ns, u.system_ns),
+            (Some(7000), Some(4000), Some(3000))
+        );
+        assert_eq!(u.peak_memory_bytes, Some(4096));
+    }
 
     #[test]
     fn detects_v1_owned_controllers_and_v2_delegation() {

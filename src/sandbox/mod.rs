@@ -166,6 +166,42 @@ pub struct RunReport {
     pub log_dropped_bytes: u64,
     /// The last lines of the log (for failure reasons).
     pub log_tail: String,
+    /// What the run used, measured by the host.
+    pub usage: Usage,
+}
+
+/// What a run used, measured by the host (never reported by the job): wall time from the
+/// runtime's start to its exit, CPU time and peak memory from the job's cgroup.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Wall clock seconds.
+    pub wall_seconds: f64,
+    /// CPU seconds (user + system).
+    pub cpu_seconds: Option<f64>,
+    /// CPU seconds in user mode.
+    pub user_seconds: Option<f64>,
+    /// CPU seconds in the kernel.
+    pub system_seconds: Option<f64>,
+    /// Most memory charged at once (page cache included, as the cgroup counts it).
+    pub peak_memory_bytes: Option<u64>,
+    /// Where the numbers come from: `cgroup v1`/`cgroup v2` (read at exit), `... sampled`
+    /// (the runtime removed the cgroup at exit: the last of the samples taken every 250 ms), or
+    /// why there are none.
+    pub source: String,
+}
+
+impl Usage {
+    fn from_cgroup(wall: Duration, u: cgroups::CgroupUsage, source: String) -> Self {
+        let secs = |ns: Option<u64>| ns.map(|n| n as f64 / 1e9);
+        Usage {
+            wall_seconds: wall.as_secs_f64(),
+            cpu_seconds: secs(u.cpu_ns),
+            user_seconds: secs(u.user_ns),
+            system_seconds: secs(u.system_ns),
+            peak_memory_bytes: u.peak_memory_bytes,
+            source,
+        }
+    }
 }
 
 /// What to run.
@@ -181,6 +217,8 @@ pub struct RunRequest<'a> {
     pub container_id: &'a str,
     /// Limits for this run (None: the sandbox defaults).
     pub limits: Option<&'a Limits>,
+    /// A read-only dataset to mount at `/input` (absolute host path), if the job asked for one.
+    pub input: Option<&'a Path>,
     /// Cancels the run.
     pub cancel: CancellationToken,
 }
@@ -370,6 +408,7 @@ impl Sandbox {
         let (spec, applied) = spec::hardened_spec(&spec::SpecInput {
             rootfs: rootfs.clone(),
             out_dir: out_dir.clone(),
+            input: req.input.map(Path::to_path_buf),
             args,
             env,
             cwd,
@@ -427,9 +466,26 @@ impl Sandbox {
         let log = std::fs::File::create(&log_path).map_err(io_err("cannot create", &log_path))?;
         let mut guard = ContainerGuard::new(&self.runtime, &state_dir, &container_id);
         let parent_ooms_before = self.cgroups.parent_oom_kills();
+        let started = std::time::Instant::now();
         let mut child = self
             .runtime
             .spawn_run(&state_dir, &job_dir, &container_id)?;
+        // crun and youki remove the cgroup as the container exits: keep its latest counters.
+        let sampler = {
+            let cgroups = self.cgroups.clone();
+            let id = container_id.clone();
+            let last = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let keep = last.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if let Some(u) = cgroups.usage(&id) {
+                        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+                    }
+                }
+            });
+            (AbortOnDrop(task), last)
+        };
         let pump = LogPump::start(
             log,
             limits.log_bytes,
@@ -488,9 +544,34 @@ impl Sandbox {
                 end
             }
         };
+        let wall = started.elapsed();
         let log_dropped_bytes = pump.finish().await;
 
-        // 6. OOM evidence while the cgroup exists, then delete on every path.
+        // 6. OOM evidence and usage while the cgroup exists, then delete on every path.
+        drop(sampler.0);
+        let version = self.cgroups.version();
+        let usage = match (
+            self.cgroups.usage(&container_id),
+            *sampler.1.lock().unwrap_or_else(|e| e.into_inner()),
+        ) {
+            (Some(u), _) => Usage::from_cgroup(wall, u, format!("cgroup {version}")),
+            (None, Some(u)) => Usage::from_cgroup(
+                wall,
+                u,
+                format!(
+                    "cgroup {version} sampled (the runtime removed the cgroup at exit: the last sample, taken every 250 ms)"
+                ),
+            ),
+            (None, None) => Usage {
+                wall_seconds: wall.as_secs_f64(),
+                source: match &self.cgroups {
+                    CgroupHost::Unavailable { reason } => format!("wall time only: {reason}"),
+                    _ => "wall time only: the cgroup was gone before its counters could be read"
+                        .into(),
+                },
+                ..Usage::default()
+            },
+        };
         let counted = self.cgroups.oom_kills(&container_id);
         // youki's `run` reports a container killed by signal N as exit code N, not 128+N.
         let youki_sigkill =
@@ -521,7 +602,17 @@ impl Sandbox {
             applied,
             log_dropped_bytes,
             log_tail,
+            usage,
         })
+    }
+}
+
+/// Stops a background task when dropped (on every path out of a run).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

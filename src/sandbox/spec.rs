@@ -34,6 +34,8 @@ pub struct SpecInput<'a> {
     pub rootfs: PathBuf,
     /// Absolute path of this job's output dir (mounted at /data).
     pub out_dir: PathBuf,
+    /// Absolute path of a dataset (mounted read-only at /input), if the job asked for one.
+    pub input: Option<PathBuf>,
     /// argv (Entrypoint + Cmd, already resolved).
     pub args: Vec<String>,
     /// Environment.
@@ -265,7 +267,7 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
 
     let tmpfs_size = format!("size={}", limits.tmpfs_bytes);
     let out_dir = input.out_dir.to_string_lossy().into_owned();
-    let mounts = vec![
+    let mut mounts = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
             "/dev",
@@ -310,7 +312,7 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
             "tmpfs",
             &["nosuid", "nodev", "mode=1777", &tmpfs_size],
         )?,
-        // The only host path in the container: this job's own output directory.
+        // The only writable host path in the container: this job's own output directory.
         mount(
             "/data",
             "bind",
@@ -318,6 +320,16 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
             &["rbind", "rw", "nosuid", "nodev", "noexec"],
         )?,
     ];
+    // The one other host path a job may get: the dataset it asked for, read-only, and only
+    // that directory (not recursive: nothing mounted below it comes along).
+    if let Some(dataset) = &input.input {
+        mounts.push(mount(
+            "/input",
+            "bind",
+            &dataset.to_string_lossy(),
+            &["bind", "ro", "nosuid", "nodev", "noexec"],
+        )?);
+    }
 
     let namespaces = [
         LinuxNamespaceType::User,
@@ -390,6 +402,7 @@ mod tests {
         hardened_spec(&SpecInput {
             rootfs: "/var/lib/perfbox/images/x/rootfs".into(),
             out_dir: "/var/lib/perfbox/jobs/1/out".into(),
+            input: None,
             args: vec!["/bin/sh".into(), "-c".into(), "true".into()],
             env: vec!["PATH=/bin".into()],
             cwd: "/".into(),

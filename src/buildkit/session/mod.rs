@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! daemon ──Control.Session(BytesMessage…)──► tunnel task ──duplex──► hyper h2 server
-//!        ◄──────────BytesMessage…──────────             ◄──duplex───  (Health, FileSend, Auth)
+//!        ◄──────────BytesMessage…──────────             ◄──duplex───  (Health, FileSend, Auth,
+//!                                                                      FileSync for a context)
 //! ```
 //!
 //! The request metadata announces the session id and the methods we serve
@@ -15,6 +16,7 @@
 
 pub(crate) mod auth;
 pub(crate) mod filesend;
+pub(crate) mod filesync;
 pub(crate) mod health;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -27,11 +29,12 @@ use tonic::transport::Channel;
 
 use self::auth::{AuthService, RegistryCredentials};
 use self::filesend::FileSendService;
+use self::filesync::FileSyncService;
 use self::health::HealthService;
 use super::AbortOnDrop;
 use super::export::ExportSink;
 use super::proto::control::{BytesMessage, ControlClient};
-use super::proto::filesync::{AuthServer, FileSendServer};
+use super::proto::filesync::{AuthServer, FileSendServer, FileSyncServer};
 use super::proto::health::HealthServer;
 
 /// Bytes buffered in each direction of the in-process pipe between tunnel and h2 server.
@@ -74,6 +77,7 @@ impl Session {
         channel: Channel,
         export: ExportSink,
         credentials: &RegistryCredentials,
+        context: Option<std::path::PathBuf>,
     ) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let end = tokio_util::sync::CancellationToken::new();
@@ -85,6 +89,10 @@ impl Session {
         if !credentials.is_empty() {
             routes = routes.add_service(AuthServer::new(AuthService::new(credentials.clone())));
             methods.extend(AUTH_METHODS);
+        }
+        if let Some(dir) = context {
+            routes = routes.add_service(FileSyncServer::new(FileSyncService::new(dir)));
+            methods.push("/moby.filesync.v1.FileSync/DiffCopy");
         }
         let task = tokio::spawn(run_tunnel(channel, id.clone(), methods, routes));
         Self {
