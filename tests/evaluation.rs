@@ -103,8 +103,9 @@ fn usage_is_measured_by_the_host() -> Result<(), Failed> {
 fn a_dataset_is_read_only_at_input() -> Result<(), Failed> {
     let data = TestDir::new("dataset");
     std::fs::write(data.path().join("answer.txt"), "0.42\n")?;
+    // World-writable on the host: only the read-only mount keeps the job from writing it.
     Command::new("chmod")
-        .args(["-R", "a+rX"])
+        .args(["-R", "a+rwX"])
         .arg(data.path())
         .status()?;
     let config = format!(
@@ -193,17 +194,36 @@ fn wait_answers_when_the_job_ends() -> Result<(), Failed> {
         &path,
         "FROM busybox\nCMD echo '{\"perf\": 7}' > /data/perf.json\n",
     )?;
+    let started = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     let out = Command::new(env!("CARGO_BIN_EXE_perfbox"))
         .args(["submit", "--wait"])
         .arg(&path)
         .env("PERFBOX_URL", s.url())
         .output()?;
+    let done = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7.0");
+    // How long after the job's end the CLI printed its perf (its start-up included).
+    let quick = String::from_utf8_lossy(&out.stderr)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|id| id.parse::<i64>().ok())
+        .ok_or("no job id in the CLI's progress")?;
+    let r = record(&s, quick);
+    let (created, finished) = (
+        r["created_at"].as_f64().unwrap(),
+        r["finished_at"].as_f64().unwrap(),
+    );
+    println!(
+        "  submit --wait: {:.0} ms in all for a job of {:.0} ms (submit to end); perf printed {:.0} ms after the end",
+        (done - started) * 1000.0,
+        (finished - created) * 1000.0,
+        (done - finished) * 1000.0
+    );
     assert_eq!(s.wait(long)["perf"], 6.0);
     Ok(())
 }
