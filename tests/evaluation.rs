@@ -396,6 +396,15 @@ fn a_context_archive_is_built_and_run() -> Result<(), Failed> {
     assert_eq!(answer["perf"], 0.77, "{answer}\n{}", s.log());
     let rec = record(&s, id);
     assert_eq!(rec["build"]["context"], true, "{rec}");
+    let job_dir = s.state().join("jobs").join(id.to_string());
+    assert!(
+        job_dir.join("context.archive").is_file(),
+        "the archive is kept"
+    );
+    assert!(
+        !job_dir.join("context").exists(),
+        "the unpacked context is removed after the build"
+    );
     let audit = s.curl(&[&format!("/job/{id}/audit")]).1;
     assert_eq!(audit["ok"], true, "{audit}");
 

@@ -84,8 +84,10 @@ impl JobService {
         let dir = self.job_dir(rec.id);
         let mut build = None;
         let image = self.image(rec, &dir, cancel, &mut build).await;
-        // The build is over either way: its slot goes to the next job.
+        // The build is over either way: its slot goes to the next job, and the unpacked context
+        // (if any) its disk space (the archive stays with the job).
         self.release_build_slot(rec.id);
+        let _ = std::fs::remove_dir_all(dir.context_dir());
         let build = build.and_then(|b| serde_json::to_value(b).ok());
         let (status, mut patch) = match image {
             Ok(image) => {
