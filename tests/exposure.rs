@@ -437,6 +437,37 @@ fn slow_clients_are_cut_off_without_affecting_others() -> Result<(), Failed> {
     Ok(())
 }
 
+/// With `max_connections` open (idle), a new client waits rather than being refused, and is
+/// served once the header timeout has cut the idle ones off.
+fn connections_past_the_cap_wait_their_turn() -> Result<(), Failed> {
+    let s = Service::start(
+        "svc-conncap",
+        &[
+            ("PERFBOX_MAX_CONNECTIONS", "2"),
+            ("PERFBOX_HEADER_TIMEOUT_SECS", "2"),
+        ],
+    );
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", s.port)).unwrap())
+        .collect();
+    // Both slots are taken once the server has accepted them.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let (code, _) = s.curl(&["/healthz"]);
+    let waited = t.elapsed();
+    assert_eq!(code, 200);
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "served after {waited:?}: the cap of 2 connections did not hold"
+    );
+    assert!(waited < Duration::from_secs(8), "waited {waited:?}");
+    drop(idle);
+    let t = Instant::now();
+    assert_eq!(s.curl(&["/healthz"]).0, 200);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    Ok(())
+}
+
 fn main() {
     require_setup();
     require_buildkitd(&buildkit_socket());
@@ -454,6 +485,10 @@ fn main() {
         Trial::test(
             "slow_clients_are_cut_off_without_affecting_others",
             slow_clients_are_cut_off_without_affecting_others,
+        ),
+        Trial::test(
+            "connections_past_the_cap_wait_their_turn",
+            connections_past_the_cap_wait_their_turn,
         ),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
