@@ -474,6 +474,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(warning) = cfg.exposure_warning() {
         tracing::warn!("{warning}");
     }
+    for t in cfg.tokens.iter().filter(|t| t.token.is_some()) {
+        tracing::warn!(
+            name = %t.name,
+            "a token is kept in clear in the config: replace it with its sha256 (`perfbox token hash {}`)",
+            t.name
+        );
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
