@@ -497,3 +497,46 @@ async fn quotas_answer_429_saying_which_with_retry_after() {
         "{refusals:?}"
     );
 }
+
+#[tokio::test]
+async fn a_job_cancelled_while_queued_still_calls_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = fake_service(|c| {
+        c.max_concurrent_builds = 1;
+        c.callbacks.allowed_hosts = vec![addr.to_string()];
+        c.callbacks.secret = Some("a-secret-of-16-chars".into());
+    })
+    .await;
+    // The only build slot hangs: the next job stays queued.
+    let _blocker = submit(&h, "build-hangs").await;
+    let url = format!("http://{addr}/hook");
+    let c = post(
+        &h,
+        &[
+            ("file", Some("d"), b"# fake: perf=1\nFROM busybox\n"),
+            ("callback_url", None, url.as_bytes()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.text);
+    let id = c.json["id"].as_i64().unwrap();
+    let req = Request::delete(format!("/job/{id}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(call(&h, req).await.status, StatusCode::OK);
+    let (mut conn, _) = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the callback came")
+        .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = conn.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(text.contains("\"status\":\"cancelled\""), "{text}");
+    assert!(text.contains(&format!("\"job\":{id}")), "{text}");
+}

@@ -1,4 +1,5 @@
-//! Callbacks: a job's final answer POSTed once to the URL its submission gave, signed with
+//! Callbacks: a job's final answer (whatever ended it: its run, a cancel, a lost node) POSTed
+//! once to the URL its submission gave, signed with
 //! HMAC-SHA256 over the body (`X-Perfbox-Signature: sha256=<hex>`), retried with backoff, the
 //! outcome kept in the job's record. Only hosts the config allows (`[callbacks] allowed_hosts`)
 //! are called, never through a redirect.

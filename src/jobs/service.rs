@@ -432,6 +432,7 @@ impl JobService {
             Ok(r) => {
                 tracing::warn!(job = id, status = %r.status, "its node is gone: {why}");
                 self.job_ended();
+                self.call_back(id);
             }
             Err(StoreError::Fenced { .. } | StoreError::NotFound(_)) => {} // someone else did
             Err(e) => return Err(e.into()),
@@ -759,6 +760,7 @@ impl JobService {
                 match self.inner.store.transition(id, JobStatus::Cancelled, patch) {
                     Ok(rec) => {
                         self.job_ended();
+                        self.call_back(id);
                         return Ok(rec);
                     }
                     Err(StoreError::IncorrectStatus { .. }) => continue, // claimed meanwhile
@@ -777,6 +779,7 @@ impl JobService {
             .store
             .transition(id, JobStatus::Cancelled, patch)?;
         self.job_ended();
+        self.call_back(id);
         Ok(rec)
     }
 

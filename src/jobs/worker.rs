@@ -164,8 +164,19 @@ impl JobService {
 
     /// The job's callback, if its submission asked for one: its final answer POSTed in the
     /// background, the outcome then written into its record.
-    fn call_back(&self, id: super::JobId) {
-        let Some(url) = self.job_dir(id).build_options().callback_url else {
+    pub(super) fn call_back(&self, id: super::JobId) {
+        // The job's options: from its directory here, or (a job of another node, ended here
+        // because that node was lost) from the shared store.
+        let url = self.job_dir(id).build_options().callback_url.or_else(|| {
+            let files = self.inner.store.files(id).ok()?;
+            let (_, options) = files
+                .iter()
+                .find(|(name, _)| name == super::job_dir::BUILD_OPTIONS)?;
+            serde_json::from_slice::<super::BuildOptions>(options)
+                .ok()?
+                .callback_url
+        });
+        let Some(url) = url else {
             return;
         };
         let cfg = &self.inner.cfg.callbacks;
