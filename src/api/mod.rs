@@ -1,11 +1,12 @@
 //! The HTTP API (axum). HTTP only: handlers extract and validate input, call
-//! [`JobService`](crate::jobs::JobService), and shape JSON. Routes (compatible with existing curl
-//! clients of the older service):
+//! [`JobService`](crate::jobs::JobService), and shape JSON; [`serve`] is the listener (TLS,
+//! slow-client timeouts, connection cap). Routes (compatible with existing curl clients of the
+//! older service):
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST`/`PUT /job/build` | multipart field `file` = a Dockerfile → 202 `{"id", "filename", "status", "links"}` |
-//! | `GET /job/performance/{id}` | `{"job", "status", "perf"}` / `{"job", "status", "info", "queue_position"}` / `{"job", "status", "error"}` |
+//! | `POST`/`PUT /job/build` | multipart field `file` = a Dockerfile and/or `context` = a tar, tar.gz or zip; optional `build_arg`, `target`, `dataset`, `callback_url`; header `Idempotency-Key` → 202 `{"id", "filename", "status", "links"}` (200 for a repeated key) |
+//! | `GET /job/performance/{id}[?wait=N]` | `{"job", "status", "perf"}` / `{"job", "status", "info", "queue_position"}` / `{"job", "status", "error"}`; `wait` holds the answer until the job is final (at most N s) |
 //! | `GET /jobs?limit=&before=` | a page of jobs, newest first |
 //! | `GET /job/{id}` | the full record |
 //! | `GET /job/{id}/logs[?follow=1]` | build log then run log, streamed live with follow |
