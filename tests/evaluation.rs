@@ -17,34 +17,6 @@ use serde_json::Value;
 use common::service::{Service, stop_all};
 use common::{TestDir, buildkit_socket, require_buildkitd, require_setup};
 
-/// POST `dockerfile` with extra curl args; (status, body, headers lowercased).
-fn post(s: &Service, dockerfile: &str, extra: &[&str]) -> (u16, Value, String) {
-    let path = s
-        .dir
-        .path()
-        .join(format!("{}.Dockerfile", uuid::Uuid::new_v4().simple()));
-    std::fs::write(&path, dockerfile).unwrap();
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "30", "-D", "-"])
-        .args(extra)
-        .args(["-F", &format!("file=@{}", path.display())])
-        .arg(format!("{}/job/build", s.url()))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        code,
-        serde_json::from_str(body).unwrap_or(Value::String(body.into())),
-        head.to_lowercase(),
-    )
-}
-
 fn record(s: &Service, id: i64) -> Value {
     s.curl(&[&format!("/job/{id}")]).1
 }
@@ -114,7 +86,7 @@ fn a_dataset_is_read_only_at_input() -> Result<(), Failed> {
     );
     let s = Service::start_config("eval-dataset", &config, &[]);
     let job = "FROM busybox\nCMD if touch /input/written 2>/dev/null || rm /input/answer.txt 2>/dev/null; then echo '{\"perf\": -1}' > /data/perf.json; else echo \"{\\\"perf\\\": $(cat /input/answer.txt)}\" > /data/perf.json; fi\n";
-    let (code, v, _) = post(&s, job, &["-F", "dataset=answers"]);
+    let (code, v, _) = s.post_dockerfile(job, &["-F", "dataset=answers"]);
     assert_eq!(code, 202, "{v}");
     let id = v["id"].as_i64().unwrap();
     // Images carry an empty /input mount point (made when they are cached, like /data), so the
@@ -146,7 +118,7 @@ fn a_dataset_is_read_only_at_input() -> Result<(), Failed> {
     let audit = s.curl(&[&format!("/job/{id}/audit")]).1;
     assert_eq!(audit["ok"], true, "{audit}");
     let before = s.total_jobs();
-    let (code, v, _) = post(&s, "FROM busybox\n", &["-F", "dataset=secrets"]);
+    let (code, v, _) = s.post_dockerfile("FROM busybox\n", &["-F", "dataset=secrets"]);
     assert_eq!(code, 400, "{v}");
     assert!(v["error"].as_str().unwrap().contains("answers"), "{v}");
     assert_eq!(s.total_jobs(), before, "nothing queued");
@@ -242,8 +214,7 @@ fn callbacks_arrive_signed() -> Result<(), Failed> {
         ],
     );
     let url = format!("http://127.0.0.1:{port}/done");
-    let (code, v, _) = post(
-        &s,
+    let (code, v, _) = s.post_dockerfile(
         "FROM busybox\nCMD echo '{\"perf\": 0.5}' > /data/perf.json\n",
         &["-F", &format!("callback_url={url}")],
     );
@@ -299,8 +270,7 @@ fn callbacks_arrive_signed() -> Result<(), Failed> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let before = s.total_jobs();
-    let (code, v, _) = post(
-        &s,
+    let (code, v, _) = s.post_dockerfile(
         "FROM busybox\n",
         &["-F", "callback_url=http://169.254.169.254/latest/meta-data"],
     );
@@ -316,33 +286,26 @@ fn idempotent_submits_make_one_job() -> Result<(), Failed> {
     let s = Service::start("eval-idem", &[]);
     let df = "FROM busybox\nCMD echo '{\"perf\": 8}' > /data/perf.json\n";
     let key = ["-H", "Idempotency-Key: run-2026-11-30-a"];
-    let (code, first, _) = post(&s, df, &key);
+    let (code, first, _) = s.post_dockerfile(df, &key);
     assert_eq!(code, 202, "{first}");
-    let (code, again, head) = post(&s, df, &key);
+    let (code, again, head) = s.post_dockerfile(df, &key);
     assert_eq!(code, 200, "{again}");
     assert_eq!(again["id"], first["id"]);
     assert!(head.contains("idempotent-replayed: true"), "{head}");
-    let (code, v, _) = post(&s, "FROM busybox\nCMD true\n", &key);
+    let (code, v, _) = s.post_dockerfile("FROM busybox\nCMD true\n", &key);
     assert_eq!(code, 409, "{v}");
     // Eight at once with a fresh key: one job.
-    let path = s.dir.path().join("burst.Dockerfile");
-    std::fs::write(&path, df)?;
-    let burst: Vec<_> = (0..8)
-        .map(|_| {
-            let (url, path) = (s.url(), path.clone());
-            std::thread::spawn(move || {
-                let out = Command::new("curl")
-                    .args(["-sS", "-m", "30", "-H", "Idempotency-Key: burst-1", "-F"])
-                    .arg(format!("file=@{}", path.display()))
-                    .arg(format!("{url}/job/build"))
-                    .output()
-                    .unwrap();
-                let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-                v["id"].as_i64().ok_or(v.to_string())
+    let ids: std::collections::BTreeSet<_> = std::thread::scope(|scope| {
+        let burst: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (_, v, _) = s.post_dockerfile(df, &["-H", "Idempotency-Key: burst-1"]);
+                    v["id"].as_i64().ok_or(v.to_string())
+                })
             })
-        })
-        .collect();
-    let ids: std::collections::BTreeSet<_> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+            .collect();
+        burst.into_iter().map(|t| t.join().unwrap()).collect()
+    });
     assert!(ids.len() == 1 && ids.iter().all(Result::is_ok), "{ids:?}");
     assert_eq!(s.total_jobs(), 2);
     assert_eq!(s.wait(first["id"].as_i64().unwrap())["perf"], 8.0);
@@ -385,12 +348,7 @@ fn a_context_archive_is_built_and_run() -> Result<(), Failed> {
     gz.write_all(&archive)?;
     let path = s.dir.path().join("ctx.tar.gz");
     std::fs::write(&path, gz.finish()?)?;
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "30", "-F"])
-        .arg(format!("context=@{}", path.display()))
-        .arg(format!("{}/job/build", s.url()))
-        .output()?;
-    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let (_, v, _) = s.post(&["-F", &format!("context=@{}", path.display())]);
     let id = v["id"].as_i64().ok_or(format!("no id: {v}"))?;
     let answer = s.wait(id);
     assert_eq!(answer["perf"], 0.77, "{answer}\n{}", s.log());
@@ -442,15 +400,9 @@ fn a_context_archive_is_built_and_run() -> Result<(), Failed> {
     ];
     for (bytes, want) in cases {
         std::fs::write(&junk, bytes)?;
-        let out = Command::new("curl")
-            .args(["-sS", "-m", "30", "-w", "\n%{http_code}", "-F"])
-            .arg(format!("context=@{}", junk.display()))
-            .arg(format!("{}/job/build", s.url()))
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        assert!(code.starts_with('4'), "{want}: {code} {body}");
-        assert!(body.contains(want), "{want}: {body}");
+        let (code, v, _) = s.post(&["-F", &format!("context=@{}", junk.display())]);
+        assert!((400..500).contains(&code), "{want}: {code} {v}");
+        assert!(v.to_string().contains(want), "{want}: {v}");
     }
     assert_eq!(s.total_jobs(), before, "no bad archive queued a job");
     Ok(())

@@ -280,30 +280,10 @@ fn flooding_token_gets_429_and_another_starts_at_once() -> Result<(), Failed> {
             ("PERFBOX_MAX_CONCURRENT_RUNS", "3"),
         ],
     );
-    let post = |token: &str, dockerfile: &str| -> (u16, serde_json::Value, String) {
-        let path = s
-            .dir
-            .path()
-            .join(format!("{}.Dockerfile", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&path, dockerfile).unwrap();
-        let out = Command::new("curl")
-            .args(["-sS", "-m", "30", "-D", "-", "-H"])
-            .arg(format!("Authorization: Bearer {token}"))
-            .args(["-F", &format!("file=@{}", path.display())])
-            .arg(format!("{}/job/build", s.url()))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (
-            code,
-            serde_json::from_str(body).unwrap_or_default(),
-            head.to_lowercase(),
+    let post = |token: &str, dockerfile: &str| {
+        s.post_dockerfile(
+            dockerfile,
+            &["-H", &format!("Authorization: Bearer {token}")],
         )
     };
     // Each of alice's jobs runs 4 s.

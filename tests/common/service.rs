@@ -258,20 +258,49 @@ impl Service {
         (code, v)
     }
 
-    /// POST a Dockerfile the way existing clients do: `curl -X POST -F file=@job.Dockerfile`.
-    pub fn submit(&self, dockerfile: &str) -> i64 {
+    /// `curl -X POST ARGS... <url>/job/build`: (status, body as JSON or else as a string,
+    /// response headers lowercased).
+    pub fn post(&self, args: &[&str]) -> (u16, Value, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "-m", "30", "-D", "-", "-X", "POST"])
+            .args(
+                self.ca
+                    .iter()
+                    .flat_map(|ca| [std::ffi::OsStr::new("--cacert"), ca.as_os_str()]),
+            )
+            .args(args)
+            .arg(format!("{}/job/build", self.url()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (
+            code,
+            serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+            head.to_lowercase(),
+        )
+    }
+
+    /// [`Self::post`] of `dockerfile` as the `file` field, after `extra` curl arguments.
+    pub fn post_dockerfile(&self, dockerfile: &str, extra: &[&str]) -> (u16, Value, String) {
         let path = self
             .dir
             .path()
             .join(format!("job-{}.Dockerfile", uuid::Uuid::new_v4().simple()));
         std::fs::write(&path, dockerfile).unwrap();
-        let (code, v) = self.curl(&[
-            "-X",
-            "POST",
-            "-F",
-            &format!("file=@{}", path.display()),
-            "/job/build",
-        ]);
+        let file = format!("file=@{}", path.display());
+        let args: Vec<&str> = extra.iter().copied().chain(["-F", &file]).collect();
+        self.post(&args)
+    }
+
+    /// POST a Dockerfile the way existing clients do: `curl -X POST -F file=@job.Dockerfile`.
+    pub fn submit(&self, dockerfile: &str) -> i64 {
+        let (code, v, _) = self.post_dockerfile(dockerfile, &[]);
         assert_eq!(code, 202, "{v}");
         assert!(
             v["filename"].as_str().unwrap().ends_with(".Dockerfile"),
