@@ -70,6 +70,19 @@ fn job<'a>(owner: Option<&'a str>, submitter: &'a str) -> NewJob<'a> {
     }
 }
 
+/// One queued job for each of `owners` (owner and submitter alike), in order.
+fn queue_for(store: &dyn Store, owners: &[&'static str]) -> Vec<JobId> {
+    owners
+        .iter()
+        .map(|who| {
+            store
+                .insert(&job(Some(who), who), 100.into(), &mut ok)
+                .unwrap()
+                .id
+        })
+        .collect()
+}
+
 fn ok(_: JobId) -> std::io::Result<()> {
     Ok(())
 }
@@ -287,15 +300,7 @@ pub fn idempotency_keys(new: Maker<'_>) {
 /// from one owner delays another's next job by one turn at most.
 pub fn claims_take_turns_between_owners(new: Maker<'_>) {
     let store = new();
-    let ids: Vec<JobId> = ["flood", "flood", "flood", "other", "other"]
-        .iter()
-        .map(|who| {
-            store
-                .insert(&job(Some(who), who), 100.into(), &mut ok)
-                .unwrap()
-                .id
-        })
-        .collect();
+    let ids = queue_for(&*store, &["flood", "flood", "flood", "other", "other"]);
     let next = || store.claim(&claim("n1", 10, 10)).unwrap().map(|r| r.id);
     assert_eq!(next(), Some(ids[0]), "the oldest first");
     assert_eq!(next(), Some(ids[3]), "then the owner with nothing active");
@@ -311,15 +316,7 @@ pub fn claims_take_turns_between_owners(new: Maker<'_>) {
 /// Node build slots, owner shares over all nodes, FIFO otherwise.
 pub fn claims_respect_slots_and_owner_shares(new: Maker<'_>) {
     let store = new();
-    let ids: Vec<JobId> = ["slow", "slow", "slow", "other"]
-        .iter()
-        .map(|who| {
-            store
-                .insert(&job(Some(who), who), 10.into(), &mut ok)
-                .unwrap()
-                .id
-        })
-        .collect();
+    let ids = queue_for(&*store, &["slow", "slow", "slow", "other"]);
     let next = |node, slots, per_owner| {
         store
             .claim(&claim(node, slots, per_owner))
