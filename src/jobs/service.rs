@@ -290,9 +290,16 @@ impl JobService {
         }
     }
 
-    /// A job ended: wake whoever waits for one ([`Self::wait_final`]).
+    /// A job ended (here or, as a notice tells, on another node): wake whoever waits for one
+    /// ([`Self::wait_final`]).
     pub(super) fn job_ended(&self) {
         self.inner.ended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// This node recorded job `id`'s end: wake the waiters, and call back if it asked.
+    pub(super) fn ended_here(&self, id: JobId) {
+        self.job_ended();
+        self.call_back(id);
     }
 
     /// Job `id` once it is final, or as it is after `within` (whichever comes first). Woken by
@@ -431,8 +438,7 @@ impl JobService {
             }
             Ok(r) => {
                 tracing::warn!(job = id, status = %r.status, "its node is gone: {why}");
-                self.job_ended();
-                self.call_back(id);
+                self.ended_here(id);
             }
             Err(StoreError::Fenced { .. } | StoreError::NotFound(_)) => {} // someone else did
             Err(e) => return Err(e.into()),
@@ -517,8 +523,9 @@ impl JobService {
                 }));
             }
         };
+        let sha = hex::encode(Sha256::digest(dockerfile));
         if let Some(key) = idempotency_key
-            && let Some(job) = self.replay(submitter, key, dockerfile)?
+            && let Some(job) = self.replay(submitter, key, &sha)?
         {
             return Ok(job);
         }
@@ -567,7 +574,6 @@ impl JobService {
             ));
         }
         let filename = sanitize_filename(sub.filename);
-        let sha = hex::encode(Sha256::digest(dockerfile));
         let files = JobDir::submission(dockerfile, options, sub.context)?;
         let files: Vec<(&str, &[u8])> = files
             .iter()
@@ -615,7 +621,7 @@ impl JobService {
             // The same key, sent twice at once: the other request made the job.
             (Err(JobError::Store(StoreError::DuplicateKey)), Some(key)) => {
                 return self
-                    .replay(submitter, key, dockerfile)?
+                    .replay(submitter, key, &sha)?
                     .ok_or(JobError::Store(StoreError::DuplicateKey));
             }
             (rec, _) => rec?,
@@ -628,17 +634,17 @@ impl JobService {
     }
 
     /// The job an earlier submission with `key` made, if any; refused if it was another
-    /// Dockerfile.
+    /// Dockerfile (by its SHA-256, hex).
     fn replay(
         &self,
         submitter: &str,
         key: &str,
-        dockerfile: &[u8],
+        dockerfile_sha256: &str,
     ) -> Result<Option<Submitted>, JobError> {
         let Some(job) = self.inner.store.by_idempotency_key(submitter, key)? else {
             return Ok(None);
         };
-        if job.dockerfile_sha256 != hex::encode(Sha256::digest(dockerfile)) {
+        if job.dockerfile_sha256 != dockerfile_sha256 {
             return Err(JobError::IdempotencyMismatch { id: job.id });
         }
         Ok(Some(Submitted {
@@ -759,8 +765,7 @@ impl JobService {
                 };
                 match self.inner.store.transition(id, JobStatus::Cancelled, patch) {
                     Ok(rec) => {
-                        self.job_ended();
-                        self.call_back(id);
+                        self.ended_here(id);
                         return Ok(rec);
                     }
                     Err(StoreError::IncorrectStatus { .. }) => continue, // claimed meanwhile
@@ -778,8 +783,7 @@ impl JobService {
             .inner
             .store
             .transition(id, JobStatus::Cancelled, patch)?;
-        self.job_ended();
-        self.call_back(id);
+        self.ended_here(id);
         Ok(rec)
     }
 

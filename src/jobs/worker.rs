@@ -247,8 +247,7 @@ impl JobService {
         match written {
             Ok(()) => {
                 tracing::info!(job = id, status = %status, "job finished");
-                self.job_ended();
-                self.call_back(id);
+                self.ended_here(id);
             }
             Err(e) => {
                 tracing::warn!(job = id, error = %e, status = %status, "the job's end was not recorded")
