@@ -100,9 +100,10 @@ fn links(id: JobId) -> Value {
     })
 }
 
-/// `POST|PUT /job/build`: multipart field `file` holding a Dockerfile; optional fields
-/// `build_arg` (`NAME=value`, repeatable), `target` and `dataset`; optional header
-/// `Idempotency-Key`.
+/// `POST|PUT /job/build`: multipart field `file` holding a Dockerfile and/or `context` (a tar,
+/// tar.gz or zip, with the Dockerfile at its root when `file` is absent); optional fields
+/// `build_arg` (`NAME=value`, repeatable), `target`, `dataset` and `callback_url`; optional
+/// header `Idempotency-Key`.
 pub async fn submit(
     State(jobs): State<JobService>,
     who: Submitter,

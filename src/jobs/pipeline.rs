@@ -532,7 +532,6 @@ impl JobService {
         }
     }
 
-    /// What a build in `scope` runs with, for its record.
     /// The job's context archive, if it brought one, unpacked into `<job>/context` (afresh).
     fn unpack_context(&self, dir: &JobDir) -> Result<Option<PathBuf>, String> {
         let Some(archive) = dir.context_archive() else {
@@ -546,6 +545,7 @@ impl JobService {
         Ok(Some(target))
     }
 
+    /// What a build in `scope` runs with, for its record.
     fn build_record(
         &self,
         scope: &str,

@@ -470,22 +470,24 @@ impl Sandbox {
         let mut child = self
             .runtime
             .spawn_run(&state_dir, &job_dir, &container_id)?;
-        // crun and youki remove the cgroup as the container exits: keep its latest counters.
-        let sampler = {
-            let cgroups = self.cgroups.clone();
-            let id = container_id.clone();
-            let last = std::sync::Arc::new(std::sync::Mutex::new(None));
-            let keep = last.clone();
-            let task = tokio::spawn(async move {
+        // crun and youki remove the cgroup as the container exits: keep its latest counters
+        // (no cgroup here, nothing to sample).
+        let last_sample = Arc::new(std::sync::Mutex::new(None));
+        let sampler = (!matches!(self.cgroups, CgroupHost::Unavailable { .. })).then(|| {
+            let (cgroups, id, keep) = (
+                self.cgroups.clone(),
+                container_id.clone(),
+                last_sample.clone(),
+            );
+            AbortOnDrop(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                     if let Some(u) = cgroups.usage(&id) {
                         *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
                     }
                 }
-            });
-            (AbortOnDrop(task), last)
-        };
+            }))
+        });
         let pump = LogPump::start(
             log,
             limits.log_bytes,
@@ -548,11 +550,11 @@ impl Sandbox {
         let log_dropped_bytes = pump.finish().await;
 
         // 6. OOM evidence and usage while the cgroup exists, then delete on every path.
-        drop(sampler.0);
+        drop(sampler);
         let version = self.cgroups.version();
         let usage = match (
             self.cgroups.usage(&container_id),
-            *sampler.1.lock().unwrap_or_else(|e| e.into_inner()),
+            *last_sample.lock().unwrap_or_else(|e| e.into_inner()),
         ) {
             (Some(u), _) => Usage::from_cgroup(wall, u, format!("cgroup {version}")),
             (None, Some(u)) => Usage::from_cgroup(
