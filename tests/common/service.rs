@@ -273,7 +273,11 @@ impl Service {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let (mut head, mut body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        // Interim answers (`100 Continue` to a large upload's `Expect`) come first: skip them.
+        while head.starts_with("HTTP/1.1 1") {
+            (head, body) = body.split_once("\r\n\r\n").unwrap_or((body, ""));
+        }
         let code = head
             .split_whitespace()
             .nth(1)
