@@ -163,6 +163,29 @@ impl Default for Quotas {
     }
 }
 
+/// Which way perf ranks (`[leaderboard] direction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// A higher perf is better (a score).
+    #[default]
+    Higher,
+    /// A lower perf is better (a time, an error).
+    Lower,
+}
+
+/// The leaderboard (`[leaderboard]`): `GET /leaderboard` and the web page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaderboardConfig {
+    /// Which way perf ranks.
+    pub direction: Direction,
+    /// Every caller sees every owner's entries (rank, owner, perf, when), though not their jobs:
+    /// a shared board for a challenge. Off by default: a token sees its own jobs only, as
+    /// everywhere else.
+    pub public: bool,
+}
+
 /// How the API treats connections (`[http]`): slow or idle clients are cut off, never a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -333,6 +356,8 @@ pub struct Config {
     pub quotas: Quotas,
     /// Connection hygiene.
     pub http: HttpLimits,
+    /// How the leaderboard ranks, and who sees it.
+    pub leaderboard: LeaderboardConfig,
     /// Datasets jobs may ask for (read-only at `/input` in the run).
     pub datasets: Vec<Dataset>,
     /// Callbacks.
@@ -380,6 +405,7 @@ impl Default for Config {
             tls: TlsFiles::default(),
             quotas: Quotas::default(),
             http: HttpLimits::default(),
+            leaderboard: LeaderboardConfig::default(),
             datasets: vec![],
             callbacks: Callbacks::default(),
             context: ContextLimits::default(),

@@ -64,31 +64,37 @@ impl From<JobError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let retry_after = match &self {
+impl ApiError {
+    /// The status, the message a client is shown, and `Retry-After` (seconds) if any. A 500's
+    /// message is logged here and replaced by a generic one.
+    pub fn into_parts(self) -> (StatusCode, String, Option<u64>) {
+        match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m, None),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m, None),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m, None),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m, None),
+            ApiError::Timeout(m) => (StatusCode::REQUEST_TIMEOUT, m, None),
+            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m, None),
             ApiError::TooMany {
-                retry_after_secs, ..
-            } => *retry_after_secs,
-            _ => None,
-        };
-        let (status, message) = match self {
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
-            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
-            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
-            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
-            ApiError::Timeout(m) => (StatusCode::REQUEST_TIMEOUT, m),
-            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
-            ApiError::TooMany { message, .. } => (StatusCode::TOO_MANY_REQUESTS, message),
-            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+                message,
+                retry_after_secs,
+            } => (StatusCode::TOO_MANY_REQUESTS, message, retry_after_secs),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m, None),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal error; see the service log".to_string(),
+                    None,
                 )
             }
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message, retry_after) = self.into_parts();
         let mut resp = (status, Json(serde_json::json!({ "error": message }))).into_response();
         if let Some(secs) = retry_after {
             resp.headers_mut()

@@ -274,9 +274,51 @@ pub async fn performance(
 pub struct ListQuery {
     limit: Option<usize>,
     before: Option<JobId>,
+    status: Option<String>,
 }
 
-/// `GET /jobs?limit=50&before=<id>`.
+/// Jobs still going.
+pub const ACTIVE: &[JobStatus] = &[JobStatus::Queued, JobStatus::Building, JobStatus::Running];
+/// Jobs that ended without a perf, by failure (not by a cancel).
+pub const FAILED: &[JobStatus] = &[
+    JobStatus::BuildFailed,
+    JobStatus::RunFailed,
+    JobStatus::TimedOut,
+    JobStatus::NoPerf,
+    JobStatus::InvalidPerf,
+    JobStatus::Interrupted,
+];
+
+/// `?status=`: comma-separated statuses and the groups `active` and `failed` (empty: all).
+pub fn parse_statuses(raw: Option<&str>) -> Result<Vec<JobStatus>, ApiError> {
+    let mut out = Vec::new();
+    for name in raw.unwrap_or("").split(',').map(str::trim) {
+        let add: &[JobStatus] = match name {
+            "" | "all" => &[],
+            "active" => ACTIVE,
+            "failed" => FAILED,
+            other => match JobStatus::parse(other) {
+                Some(st) => {
+                    out.push(st);
+                    &[]
+                }
+                None => {
+                    let names: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown status {other:?}: use active, failed or any of {}",
+                        names.join(", ")
+                    )));
+                }
+            },
+        };
+        out.extend_from_slice(add);
+    }
+    out.sort_by_key(|s| *s as u8);
+    out.dedup();
+    Ok(out)
+}
+
+/// `GET /jobs?limit=50&before=<id>&status=<statuses>`.
 pub async fn list(
     State(jobs): State<JobService>,
     Caller(owner): Caller,
@@ -285,15 +327,88 @@ pub async fn list(
     let Query(q) =
         query.map_err(|e| ApiError::BadRequest(format!("bad query: {}", e.body_text())))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    let (page, total) = jobs.list(&owner, q.before, limit)?;
+    let statuses = parse_statuses(q.status.as_deref())?;
+    let (page, total) = jobs.list(&owner, &statuses, q.before, limit)?;
+    let status = q
+        .status
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|s| format!("&status={s}"))
+        .unwrap_or_default();
     let next = (page.len() == limit)
         .then(|| {
             page.last()
-                .map(|j| format!("/jobs?limit={limit}&before={}", j.id))
+                .map(|j| format!("/jobs?limit={limit}&before={}{status}", j.id))
         })
         .flatten();
     let page = page.iter().map(with_times).collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "jobs": page, "total": total, "next": next })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoardQuery {
+    per: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `?per=owner` (the default: each owner's best job) or `?per=job` (every submission).
+pub fn parse_per(raw: Option<&str>) -> Result<bool, ApiError> {
+    match raw.unwrap_or("owner") {
+        "owner" => Ok(true),
+        "job" => Ok(false),
+        other => Err(ApiError::BadRequest(format!(
+            "per must be owner or job, got {other:?}"
+        ))),
+    }
+}
+
+/// `GET /leaderboard?per=owner|job&limit=50`: succeeded jobs ranked by perf (direction from
+/// `[leaderboard]`); tied perfs share a rank, the first to finish listed first. A token sees
+/// its own jobs, or with `[leaderboard] public` every owner's entries, whose jobs it still
+/// cannot open (they carry no `job` or `filename`).
+pub async fn leaderboard(
+    State(jobs): State<JobService>,
+    Caller(owner): Caller,
+    query: Result<Query<BoardQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) =
+        query.map_err(|e| ApiError::BadRequest(format!("bad query: {}", e.body_text())))?;
+    let per_owner = parse_per(q.per.as_deref())?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let board = jobs.leaderboard(&owner, per_owner, limit)?;
+    let entries: Vec<Value> = board
+        .entries
+        .iter()
+        .map(|e| {
+            let mut v = json!({
+                "rank": e.rank,
+                "owner": e.job.owner,
+                "perf": e.job.perf,
+                "finished_at": e.job.finished_at,
+                "times": { "finished_at": e.job.finished_at.and_then(rfc3339) },
+            });
+            if e.visible {
+                v["job"] = e.job.id.into();
+                v["filename"] = e.job.filename.clone().into();
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({
+        "direction": if board.higher_is_better { "higher" } else { "lower" },
+        "per": if per_owner { "owner" } else { "job" },
+        "public": board.public,
+        "entries": entries,
+    })))
+}
+
+/// A Unix time as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(t: f64) -> Option<String> {
+    (t.is_finite() && t >= 0.0).then(|| {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(t);
+        humantime::format_rfc3339_millis(at).to_string()
+    })
 }
 
 /// A record as JSON, with its Unix times also as RFC 3339 strings under `times` (same names).
@@ -307,12 +422,8 @@ fn with_times(rec: &JobRecord) -> Result<Value, ApiError> {
         ("run_started_at", rec.run_started_at),
         ("finished_at", rec.finished_at),
     ] {
-        if let Some(t) = t.filter(|t| t.is_finite() && *t >= 0.0) {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(t);
-            times.insert(
-                name.into(),
-                humantime::format_rfc3339_millis(at).to_string().into(),
-            );
+        if let Some(t) = t.and_then(rfc3339) {
+            times.insert(name.into(), t.into());
         }
     }
     v["times"] = times.into();

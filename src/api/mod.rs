@@ -7,7 +7,8 @@
 //! |---|---|
 //! | `POST`/`PUT /job/build` | multipart field `file` = a Dockerfile and/or `context` = a tar, tar.gz or zip; optional `build_arg`, `target`, `dataset`, `callback_url`; header `Idempotency-Key` → 202 `{"id", "filename", "status", "links"}` (200 for a repeated key) |
 //! | `GET /job/performance/{id}[?wait=N]` | `{"job", "status", "perf"}` / `{"job", "status", "info", "queue_position"}` / `{"job", "status", "error"}`; `wait` holds the answer until the job is final (at most N s) |
-//! | `GET /jobs?limit=&before=` | a page of jobs, newest first |
+//! | `GET /jobs?limit=&before=&status=` | a page of jobs, newest first; `status` = comma-separated statuses or the groups `active`, `failed` |
+//! | `GET /leaderboard?per=owner\|job&limit=` | succeeded jobs ranked by perf (`[leaderboard]` direction; ties share a rank): each owner's best, or every job |
 //! | `GET /job/{id}` | the full record |
 //! | `GET /job/{id}/logs[?follow=1]` | build log then run log, streamed live with follow |
 //! | `GET /job/{id}/spec` | the OCI config.json the job ran with |
@@ -17,6 +18,7 @@
 //! | `DELETE /job/{id}` | cancel (on any node: the job's node is told through the store) |
 //! | `GET /nodes` | the nodes working from this store: name, url, capacity, pid, heartbeat, `alive` |
 //! | `GET /healthz`, `GET /metrics` | health (no token needed) and Prometheus metrics |
+//! | `GET /`, `/board`, `/submit`, `/job/{id}/view` | the web page ([`web`]): the same data, same tokens |
 
 mod error;
 mod handlers;
@@ -24,6 +26,7 @@ mod logs;
 pub mod serve;
 #[cfg(test)]
 mod tests;
+mod web;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -55,6 +58,8 @@ pub fn router(jobs: JobService) -> Router {
         .route("/nodes", get(handlers::nodes))
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(handlers::metrics))
+        .route("/leaderboard", get(handlers::leaderboard))
+        .merge(web::routes())
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(jobs)

@@ -52,7 +52,7 @@ pub use job_dir::JobDir;
 pub use runner::Runner;
 pub use service::{Health, JobService};
 pub use state::JobStatus;
-pub use store::{JobId, JobRecord, Patch, SqliteStore, Store, StoreError};
+pub use store::{Board, JobId, JobRecord, Listing, Patch, SqliteStore, Store, StoreError};
 
 /// Why a submission or request was refused.
 #[derive(Debug, thiserror::Error)]

@@ -33,8 +33,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::JobStatus;
 use super::store::{
-    COLUMNS, Claim, Holder, JobId, JobRecord, NewJob, NodeInfo, Notice, Patch, QueueCaps, Store,
-    StoreError, col, refusal,
+    Board, COLUMNS, Claim, Holder, JobId, JobRecord, Listing, NewJob, NodeInfo, Notice, Patch,
+    QueueCaps, Store, StoreError, col, refusal,
 };
 
 /// The database's clock, in Unix seconds.
@@ -559,11 +559,12 @@ impl Store for PgStore {
 
     fn list(
         &self,
-        owner: Option<&str>,
+        which: Listing<'_>,
         before: Option<JobId>,
         limit: usize,
     ) -> Result<Vec<JobRecord>, StoreError> {
-        let owner = owner.map(str::to_owned);
+        let owner = which.owner.map(str::to_owned);
+        let statuses = which.statuses_param();
         let before = before.unwrap_or(i64::MAX);
         let limit = limit as i64;
         self.call(move |c| async move {
@@ -571,10 +572,11 @@ impl Store for PgStore {
                 .query(
                     &format!(
                         "SELECT {} FROM jobs WHERE ($1::text IS NULL OR owner = $1) AND id < $2
+                         AND ($4 = '' OR strpos($4, ',' || status || ',') > 0)
                          ORDER BY id DESC LIMIT $3",
                         *COLUMNS
                     ),
-                    &[&owner, &before, &limit],
+                    &[&owner, &before, &limit, &statuses],
                 )
                 .await
                 .map_err(pg)?;
@@ -582,11 +584,25 @@ impl Store for PgStore {
         })
     }
 
-    fn count(&self, owner: Option<&str>) -> Result<i64, StoreError> {
+    fn count(&self, which: Listing<'_>) -> Result<i64, StoreError> {
         self.scalar(
-            "SELECT count(*) FROM jobs WHERE ($1::text IS NULL OR owner = $1)",
-            vec![Box::new(owner.map(str::to_owned))],
+            "SELECT count(*) FROM jobs WHERE ($1::text IS NULL OR owner = $1)
+             AND ($2 = '' OR strpos($2, ',' || status || ',') > 0)",
+            vec![
+                Box::new(which.owner.map(str::to_owned)),
+                Box::new(which.statuses_param()),
+            ],
         )
+    }
+
+    fn leaderboard(&self, board: &Board<'_>) -> Result<Vec<JobRecord>, StoreError> {
+        let sql = board.sql(|n| format!("${n}"), "::text", "AND perf <> 'NaN'::float8");
+        let owner = board.owner.map(str::to_owned);
+        let limit = board.limit as i64;
+        self.call(move |c| async move {
+            let rows = c.query(&sql, &[&owner, &limit]).await.map_err(pg)?;
+            Ok(rows.iter().map(record).collect())
+        })
     }
 
     fn queue_position(&self, id: JobId) -> Result<i64, StoreError> {

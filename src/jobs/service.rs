@@ -666,15 +666,56 @@ impl JobService {
         Ok(self.inner.store.queue_position(id)?)
     }
 
-    /// A page of jobs visible to `owner`, newest first.
+    /// A page of the jobs visible to `owner` (of `statuses`, or all when empty), newest first,
+    /// and how many there are in all.
     pub fn list(
         &self,
         owner: &Owner,
+        statuses: &[JobStatus],
         before: Option<JobId>,
         limit: usize,
     ) -> Result<(Vec<JobRecord>, i64), JobError> {
-        let jobs = self.inner.store.list(owner.as_deref(), before, limit)?;
-        Ok((jobs, self.inner.store.count(owner.as_deref())?))
+        let which = super::Listing {
+            owner: owner.as_deref(),
+            statuses,
+        };
+        let jobs = self.inner.store.list(which, before, limit)?;
+        Ok((jobs, self.inner.store.count(which)?))
+    }
+
+    /// The leaderboard as `owner` may see it: its own succeeded jobs, or everyone's when
+    /// `[leaderboard] public` is set (see [`Leaderboard`]). Tied perfs share a rank.
+    pub fn leaderboard(
+        &self,
+        owner: &Owner,
+        best_per_owner: bool,
+        limit: usize,
+    ) -> Result<Leaderboard, JobError> {
+        let cfg = &self.inner.cfg.leaderboard;
+        let higher_is_better = cfg.direction == crate::config::Direction::Higher;
+        let board = super::Board {
+            owner: if cfg.public { None } else { owner.as_deref() },
+            higher_is_better,
+            best_per_owner,
+            limit,
+        };
+        let mut entries: Vec<Ranked> = Vec::new();
+        for job in self.inner.store.leaderboard(&board)? {
+            let Some(perf) = job.perf.filter(|p| p.is_finite()) else {
+                continue;
+            };
+            let rank = match entries.last() {
+                Some(prev) if prev.job.perf == Some(perf) => prev.rank,
+                _ => entries.len() + 1,
+            };
+            let visible = owner.is_none() || job.owner == *owner;
+            entries.push(Ranked { rank, visible, job });
+        }
+        Ok(Leaderboard {
+            higher_is_better,
+            public: cfg.public,
+            entries,
+        })
     }
 
     /// The OCI spec the job ran with (its config.json, verbatim).
@@ -929,4 +970,27 @@ mod tests {
             "job.Dockerfile"
         );
     }
+}
+
+/// Succeeded jobs ranked by perf, as one caller may see them ([`JobService::leaderboard`]).
+#[derive(Debug)]
+pub struct Leaderboard {
+    /// A higher perf ranks first.
+    pub higher_is_better: bool,
+    /// Every owner's entries are shown (`[leaderboard] public`).
+    pub public: bool,
+    /// Best first.
+    pub entries: Vec<Ranked>,
+}
+
+/// One leaderboard entry.
+#[derive(Debug)]
+pub struct Ranked {
+    /// 1 for the best; equal perfs share a rank (1, 2, 2, 4).
+    pub rank: usize,
+    /// The caller may see the job itself (its id, file, page); on a public board other owners'
+    /// entries show only their rank, owner, perf and time.
+    pub visible: bool,
+    /// The job.
+    pub job: JobRecord,
 }

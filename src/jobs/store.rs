@@ -396,6 +396,80 @@ pub struct NewJob<'a> {
     pub files: &'a [(&'a str, &'a [u8])],
 }
 
+/// Which jobs a listing holds: one owner's or all, of some statuses or all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listing<'a> {
+    /// Only this owner's jobs (all owners' when None).
+    pub owner: Option<&'a str>,
+    /// Only jobs in one of these statuses (every status when empty).
+    pub statuses: &'a [JobStatus],
+}
+
+impl<'a> Listing<'a> {
+    /// Every job of `owner` (of everyone when None).
+    pub fn of(owner: Option<&'a str>) -> Self {
+        Self {
+            owner,
+            statuses: &[],
+        }
+    }
+
+    /// The statuses as one query parameter: `",succeeded,run_failed,"`, or `""` for all (the
+    /// statement tests `instr`/`strpos` of `',' || status || ','` in it).
+    pub(super) fn statuses_param(&self) -> String {
+        if self.statuses.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from(",");
+        for st in self.statuses {
+            s.push_str(st.as_str());
+            s.push(',');
+        }
+        s
+    }
+}
+
+/// A leaderboard: succeeded jobs with a perf, ranked by it. Ties keep the order in which the jobs
+/// finished (the first to reach a perf ranks first), then their ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Board<'a> {
+    /// Only this owner's jobs (all owners' when None).
+    pub owner: Option<&'a str>,
+    /// A higher perf ranks first (else a lower one).
+    pub higher_is_better: bool,
+    /// Only each owner's best job (jobs without an owner each stand alone).
+    pub best_per_owner: bool,
+    /// At most this many entries.
+    pub limit: usize,
+}
+
+impl Board<'_> {
+    /// The statement, with parameters written by `p(n)` (`?n` for SQLite, `$n` for
+    /// PostgreSQL): `p(1)` = owner (NULL for all), `p(2)` = limit. `nan` is the SQL that rules out
+    /// a NaN perf where the engine has one (PostgreSQL sorts NaN above every number).
+    pub(super) fn sql(&self, p: fn(usize) -> String, owner_type: &str, nan: &str) -> String {
+        let dir = if self.higher_is_better { "DESC" } else { "ASC" };
+        let order = format!("perf {dir}, finished_at ASC, id ASC");
+        let filter = format!(
+            "status = 'succeeded' AND perf IS NOT NULL {nan} AND ({o}{owner_type} IS NULL OR owner = {o})",
+            o = p(1)
+        );
+        if self.best_per_owner {
+            format!(
+                "SELECT {cols} FROM (SELECT {cols}, row_number() OVER (PARTITION BY COALESCE(owner, '#' || id) ORDER BY {order}) AS nth FROM jobs WHERE {filter}) AS best WHERE nth = 1 ORDER BY {order} LIMIT {l}",
+                cols = *COLUMNS,
+                l = p(2)
+            )
+        } else {
+            format!(
+                "SELECT {cols} FROM jobs WHERE {filter} ORDER BY {order} LIMIT {l}",
+                cols = *COLUMNS,
+                l = p(2)
+            )
+        }
+    }
+}
+
 /// How many jobs may wait: in all, and of one submitter (`NewJob::submitter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueCaps {
@@ -546,15 +620,17 @@ pub trait Store: Send + Sync {
         submitter: &str,
         key: &str,
     ) -> Result<Option<JobRecord>, StoreError>;
-    /// A page of jobs, newest first, optionally only one owner's, with ids below `before`.
+    /// A page of the jobs `which` selects, newest first, with ids below `before`.
     fn list(
         &self,
-        owner: Option<&str>,
+        which: Listing<'_>,
         before: Option<JobId>,
         limit: usize,
     ) -> Result<Vec<JobRecord>, StoreError>;
-    /// Number of jobs (of one owner).
-    fn count(&self, owner: Option<&str>) -> Result<i64, StoreError>;
+    /// Number of the jobs `which` selects.
+    fn count(&self, which: Listing<'_>) -> Result<i64, StoreError>;
+    /// Succeeded jobs ranked by perf (see [`Board`]), best first.
+    fn leaderboard(&self, board: &Board<'_>) -> Result<Vec<JobRecord>, StoreError>;
     /// Queued jobs ahead of `id`.
     fn queue_position(&self, id: JobId) -> Result<i64, StoreError>;
     /// Queued jobs.
@@ -840,29 +916,47 @@ impl Store for SqliteStore {
 
     fn list(
         &self,
-        owner: Option<&str>,
+        which: Listing<'_>,
         before: Option<JobId>,
         limit: usize,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {} FROM jobs WHERE (?1 IS NULL OR owner = ?1) AND id < ?2 ORDER BY id DESC LIMIT ?3",
+            "SELECT {} FROM jobs WHERE (?1 IS NULL OR owner = ?1) AND id < ?2
+             AND (?4 = '' OR instr(?4, ',' || status || ',') > 0) ORDER BY id DESC LIMIT ?3",
             *COLUMNS
         ))?;
         let rows = stmt.query_map(
-            params![owner, before.unwrap_or(i64::MAX), limit as i64],
+            params![
+                which.owner,
+                before.unwrap_or(i64::MAX),
+                limit as i64,
+                which.statuses_param()
+            ],
             JobRecord::from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn count(&self, owner: Option<&str>) -> Result<i64, StoreError> {
+    fn count(&self, which: Listing<'_>) -> Result<i64, StoreError> {
         let conn = self.lock();
         Ok(conn.query_row(
-            "SELECT count(*) FROM jobs WHERE (?1 IS NULL OR owner = ?1)",
-            [owner],
+            "SELECT count(*) FROM jobs WHERE (?1 IS NULL OR owner = ?1)
+             AND (?2 = '' OR instr(?2, ',' || status || ',') > 0)",
+            params![which.owner, which.statuses_param()],
             |r| r.get(0),
         )?)
+    }
+
+    fn leaderboard(&self, board: &Board<'_>) -> Result<Vec<JobRecord>, StoreError> {
+        let conn = self.lock();
+        // SQLite keeps no NaN in a REAL column (it stores NULL), so `perf IS NOT NULL` is enough.
+        let mut stmt = conn.prepare_cached(&board.sql(|n| format!("?{n}"), "", ""))?;
+        let rows = stmt.query_map(
+            params![board.owner, board.limit as i64],
+            JobRecord::from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn queue_position(&self, id: JobId) -> Result<i64, StoreError> {

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use super::JobStatus;
-use super::store::{Claim, Holder, JobId, NewJob, NodeInfo, Patch, QueueCaps, Store, StoreError};
+use super::store::{
+    Board, Claim, Holder, JobId, Listing, NewJob, NodeInfo, Patch, QueueCaps, Store, StoreError,
+};
 
 /// Makes a fresh, empty store.
 pub type Maker<'a> = &'a dyn Fn() -> Box<dyn Store>;
@@ -21,6 +23,10 @@ pub const ALL: &[(&str, Test)] = &[
         a_failed_prepare_records_nothing,
     ),
     ("lifecycle_guards_transitions", lifecycle_guards_transitions),
+    (
+        "listings_filter_by_status_and_boards_rank_by_perf",
+        listings_and_boards,
+    ),
     ("a_full_queue_refuses_inserts", a_full_queue_refuses_inserts),
     (
         "claims_respect_slots_and_owner_shares",
@@ -111,7 +117,7 @@ pub fn a_failed_prepare_records_nothing(new: Maker<'_>) {
         store.insert(&job(None, "a"), 10.into(), &mut fail),
         Err(StoreError::Prepare(_))
     ));
-    assert_eq!(store.count(None).unwrap(), 0);
+    assert_eq!(store.count(Listing::of(None)).unwrap(), 0);
     let mut seen = None;
     let rec = store
         .insert(&job(None, "a"), 10.into(), &mut |id| {
@@ -120,7 +126,7 @@ pub fn a_failed_prepare_records_nothing(new: Maker<'_>) {
         })
         .unwrap();
     assert_eq!(seen, Some(rec.id));
-    assert_eq!(store.count(None).unwrap(), 1);
+    assert_eq!(store.count(Listing::of(None)).unwrap(), 1);
 }
 
 /// The state machine, phase timestamps, patches and reads.
@@ -222,19 +228,102 @@ pub fn lifecycle_guards_transitions(new: Maker<'_>) {
     ));
     assert_eq!(store.get(a.id).unwrap().unwrap().perf, Some(0.5));
     assert!(store.get(9999).unwrap().is_none());
-    assert_eq!(store.list(Some("alice"), None, 10).unwrap().len(), 1);
-    let all = store.list(None, None, 10).unwrap();
+    assert_eq!(
+        store
+            .list(Listing::of(Some("alice")), None, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+    let all = store.list(Listing::of(None), None, 10).unwrap();
     assert_eq!(
         all.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![b.id, a.id]
     );
-    assert_eq!(store.list(None, Some(b.id), 10).unwrap().len(), 1);
-    assert_eq!(store.count(Some("alice")).unwrap(), 1);
-    assert_eq!(store.count(None).unwrap(), 2);
+    assert_eq!(
+        store.list(Listing::of(None), Some(b.id), 10).unwrap().len(),
+        1
+    );
+    assert_eq!(store.count(Listing::of(Some("alice"))).unwrap(), 1);
+    assert_eq!(store.count(Listing::of(None)).unwrap(), 2);
     let counts = store.counts().unwrap();
     assert!(
         counts.contains(&(JobStatus::Succeeded, 1)) && counts.contains(&(JobStatus::Queued, 1))
     );
+}
+
+/// Take `id` from queued to `to` (a final status), with `perf` when it succeeded.
+fn finish(store: &dyn Store, id: JobId, to: JobStatus, perf: Option<f64>) {
+    for step in [JobStatus::Building, JobStatus::Running] {
+        if step == JobStatus::Running && to == JobStatus::BuildFailed {
+            break;
+        }
+        store.transition(id, step, Patch::default()).unwrap();
+    }
+    let patch = Patch {
+        perf,
+        ..Default::default()
+    };
+    store.transition(id, to, patch).unwrap();
+}
+
+/// Listings filter by owner and status; a board ranks succeeded jobs by perf either way, ties in
+/// the order they finished, one per owner when asked, never a job without a perf.
+pub fn listings_and_boards(new: Maker<'_>) {
+    let store = new();
+    let ids = queue_for(&*store, &["alice", "bob", "alice", "carol", "bob", "alice"]);
+    finish(&*store, ids[0], JobStatus::Succeeded, Some(0.5));
+    finish(&*store, ids[1], JobStatus::Succeeded, Some(0.9));
+    finish(&*store, ids[2], JobStatus::Succeeded, Some(0.7));
+    finish(&*store, ids[3], JobStatus::BuildFailed, None);
+    finish(&*store, ids[4], JobStatus::Succeeded, Some(0.5));
+    // ids[5] stays queued.
+    let ok = [JobStatus::Succeeded];
+    let which = |owner, statuses| Listing { owner, statuses };
+    let page = store.list(which(None, &ok), None, 10).unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[2], ids[1], ids[0]]
+    );
+    assert_eq!(store.count(which(None, &ok)).unwrap(), 4);
+    let failed_or_waiting = [JobStatus::BuildFailed, JobStatus::Queued];
+    let page = store
+        .list(which(None, &failed_or_waiting), None, 10)
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[5], ids[3]]
+    );
+    assert_eq!(store.count(which(Some("alice"), &ok)).unwrap(), 2);
+    let page = store.list(which(Some("alice"), &ok), Some(ids[2]), 10);
+    assert_eq!(
+        page.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
+
+    let board = |owner, higher_is_better, best_per_owner| {
+        let b = Board {
+            owner,
+            higher_is_better,
+            best_per_owner,
+            limit: 10,
+        };
+        let entries = store.leaderboard(&b).unwrap();
+        entries.iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    // 0.9 (bob), 0.7 (alice), then the tie at 0.5: alice's finished first.
+    assert_eq!(
+        board(None, true, false),
+        vec![ids[1], ids[2], ids[0], ids[4]]
+    );
+    assert_eq!(
+        board(None, false, false),
+        vec![ids[0], ids[4], ids[2], ids[1]]
+    );
+    assert_eq!(board(None, true, true), vec![ids[1], ids[2]]);
+    assert_eq!(board(None, false, true), vec![ids[0], ids[4]]);
+    assert_eq!(board(Some("alice"), true, false), vec![ids[2], ids[0]]);
+    assert_eq!(board(Some("carol"), true, false), Vec::<JobId>::new());
 }
 
 /// `max_queued` waiting jobs refuse another.
@@ -246,7 +335,7 @@ pub fn a_full_queue_refuses_inserts(new: Maker<'_>) {
         store.insert(&job(None, "a"), 2.into(), &mut ok),
         Err(StoreError::QueueFull(2))
     ));
-    assert_eq!(store.count(None).unwrap(), 2);
+    assert_eq!(store.count(Listing::of(None)).unwrap(), 2);
 }
 
 /// One submitter's share of the queue is full: its next insert is refused, another's is not.
@@ -266,7 +355,7 @@ pub fn a_submitters_queue_share_is_capped(new: Maker<'_>) {
     // A claimed job no longer waits: the share has room again.
     store.claim(&claim("n1", 1, 1)).unwrap().unwrap();
     store.insert(&job(Some("a"), "a"), caps, &mut ok).unwrap();
-    assert_eq!(store.count(None).unwrap(), 4);
+    assert_eq!(store.count(Listing::of(None)).unwrap(), 4);
 }
 
 /// A submitter's second insert with a key it used is refused (before its files are written),
@@ -293,7 +382,7 @@ pub fn idempotency_keys(new: Maker<'_>) {
     let other = store.insert(&keyed("b"), 10.into(), &mut ok).unwrap();
     assert_ne!(other.id, first.id);
     assert!(store.by_idempotency_key("a", "k-2").unwrap().is_none());
-    assert_eq!(store.count(None).unwrap(), 2);
+    assert_eq!(store.count(Listing::of(None)).unwrap(), 2);
 }
 
 /// The owner with the fewest jobs building or running goes first (FIFO among equals): a flood

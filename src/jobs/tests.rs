@@ -245,7 +245,7 @@ async fn bad_submissions_queue_nothing() {
         submit(b"FROM x", &knob),
         Err(JobError::InvalidRequest(_))
     ));
-    assert_eq!(h.svc.list(&None, None, 10).unwrap().1, 0);
+    assert_eq!(h.svc.list(&None, &[], None, 10).unwrap().1, 0);
     // A full queue (the worker cannot take a job while the only build hangs).
     let first = h.submit("build-hangs");
     h.wait_for(first, |s| s == JobStatus::Building).await;
