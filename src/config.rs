@@ -543,6 +543,12 @@ pub const OPTIONS: &[Opt] = &[
         "PERFBOX_ALLOW_ANONYMOUS_PUBLIC",
         None,
     ),
+    opt(
+        "leaderboard.direction",
+        "PERFBOX_LEADERBOARD_DIRECTION",
+        None,
+    ),
+    opt("leaderboard.public", "PERFBOX_LEADERBOARD_PUBLIC", None),
     opt("tls.cert", "PERFBOX_TLS_CERT", Some("tls-cert")),
     opt("tls.key", "PERFBOX_TLS_KEY", Some("tls-key")),
     opt(

@@ -243,7 +243,7 @@ pub fn jobs(v: &JobsView<'_>) -> Markup {
                 p.empty { "No jobs here yet. " a href="/submit" { "Submit one" } "." }
             } @else {
                 div.scroll {
-                    table #jobs {
+                    table #jobs.cards {
                         thead { tr {
                             th scope="col" { "Job" }
                             th scope="col" { "Status" }
@@ -260,13 +260,13 @@ pub fn jobs(v: &JobsView<'_>) -> Markup {
                                 tr data-job=(j.id) {
                                     td { a href={ "/job/" (j.id) "/view" } { "#" (j.id) } }
                                     td { (badge(j.status)) }
-                                    td { (perf(j.perf)) }
-                                    td.file { (j.filename) }
-                                    @if v.show_owner { td { (owner(j.owner.as_deref())) } }
-                                    td { (time(Some(j.created_at))) }
-                                    td { (time(j.finished_at)) }
-                                    td { (duration(j.build_started_at, j.build_finished_at)) }
-                                    td { (duration(j.run_started_at, j.finished_at)) }
+                                    td data-label="Perf" { (perf(j.perf)) }
+                                    td.file data-label="File" { (j.filename) }
+                                    @if v.show_owner { td data-label="Owner" { (owner(j.owner.as_deref())) } }
+                                    td data-label="Submitted" { (time(Some(j.created_at))) }
+                                    td data-label="Finished" { (time(j.finished_at)) }
+                                    td data-label="Build" { (duration(j.build_started_at, j.build_finished_at)) }
+                                    td data-label="Run" { (duration(j.run_started_at, j.finished_at)) }
                                 }
                             }
                         }
@@ -302,7 +302,7 @@ pub fn board(b: &Leaderboard, per_owner: bool) -> Markup {
                 p.empty { "No succeeded jobs yet." }
             } @else {
                 div.scroll {
-                    table #board {
+                    table #board.cards {
                         thead { tr {
                             th scope="col" { "Rank" }
                             th scope="col" { "Perf" }
@@ -314,17 +314,17 @@ pub fn board(b: &Leaderboard, per_owner: bool) -> Markup {
                         tbody {
                             @for e in &b.entries {
                                 tr data-job=[e.visible.then_some(e.job.id)] {
-                                    td.rank { (e.rank) }
-                                    td { (perf(e.job.perf)) }
-                                    td { (owner(e.job.owner.as_deref())) }
+                                    td.rank data-label="Rank" { (e.rank) }
+                                    td data-label="Perf" { (perf(e.job.perf)) }
+                                    td data-label="Owner" { (owner(e.job.owner.as_deref())) }
                                     @if e.visible {
-                                        td { a href={ "/job/" (e.job.id) "/view" } { "#" (e.job.id) } }
-                                        td.file { (e.job.filename) }
+                                        td data-label="Job" { a href={ "/job/" (e.job.id) "/view" } { "#" (e.job.id) } }
+                                        td.file data-label="File" { (e.job.filename) }
                                     } @else {
-                                        td { span.none { "—" } }
-                                        td { span.none { "—" } }
+                                        td data-label="Job" { span.none { "—" } }
+                                        td data-label="File" { span.none { "—" } }
                                     }
-                                    td { (time(e.job.finished_at)) }
+                                    td data-label="Finished" { (time(e.job.finished_at)) }
                                 }
                             }
                         }
@@ -395,7 +395,8 @@ pub fn job(v: &JobView<'_>) -> Markup {
     let done = r.status.is_terminal();
     html! {
         div #content data-poll=(if done { "0" } else { "1000" }) {
-            h1 { "Job #" (r.id) " " span.file { (r.filename) } }
+            h1 { "Job #" (r.id) }
+            p.file.name { (r.filename) }
             (summary(v))
             (facts(r))
             (sandbox(v))
