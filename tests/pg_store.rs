@@ -120,7 +120,7 @@ fn a_restarted_server_loses_nothing() -> Result<(), Failed> {
     };
     eprintln!("answering again {:?} after the restart", t0.elapsed());
     assert_eq!((rec.status, rec.attempt), (JobStatus::Building, 1));
-    assert_eq!(store.count(None).unwrap(), 5);
+    assert_eq!(store.count(perfbox::jobs::Listing::default()).unwrap(), 5);
     assert_eq!(store.queue_depth().unwrap(), 4);
     store
         .transition(

@@ -30,9 +30,12 @@ const GOOD: &str = "FROM busybox\nRUN echo building-step && sleep 2\n\
 const BROKEN: &str = "FROM busybox\nRUN echo about-to-fail; exit 3\n";
 const LONG: &str = "FROM busybox\nCMD sleep 60\n";
 
+/// A trial's body.
+type Body = fn() -> Result<(), Failed>;
+
 fn main() {
     let args = Arguments::from_args();
-    let tests: [(&str, fn() -> Result<(), Failed>); 3] = [
+    let tests: [(&str, Body); 3] = [
         (
             "submit_watch_rank_and_fail_in_the_browser_with_two_tokens",
             two_tokens,
