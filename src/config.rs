@@ -1195,6 +1195,7 @@ mod example_tests {
                                 | "http"
                                 | "callbacks"
                                 | "context"
+                                | "leaderboard"
                         ) {
                             leaves(v, &path, out);
                         } else {

@@ -540,3 +540,200 @@ async fn a_job_cancelled_while_queued_still_calls_back() {
     assert!(text.contains("\"status\":\"cancelled\""), "{text}");
     assert!(text.contains(&format!("\"job\":{id}")), "{text}");
 }
+
+async fn post_named(h: &FakeService, filename: &str, script: &str, token: &str) -> JobId {
+    let df = format!("# fake: {script}\nFROM busybox\n");
+    let c = post(h, &[("file", Some(filename), df.as_bytes())], Some(token)).await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.text);
+    let id = c.json["id"].as_i64().unwrap();
+    h.finish(id).await;
+    id
+}
+
+fn two_owners(c: &mut crate::config::Config) {
+    c.tokens = vec![
+        crate::config::Token::clear("alice", "alice-secret-1"),
+        crate::config::Token::clear("bob", "bob-secret-22"),
+    ];
+}
+
+#[tokio::test]
+async fn pages_show_a_caller_what_the_api_shows_and_nothing_before_a_token() {
+    let h = fake_service(two_owners).await;
+    let alice = "alice-secret-1";
+    let a = post_named(&h, "alice-<i id=x>.Dockerfile", "perf=0.7", alice).await;
+    let b = post_named(
+        &h,
+        "bob-secret-plan.Dockerfile",
+        "perf=0.9",
+        "bob-secret-22",
+    )
+    .await;
+    for path in ["/", "/board", "/submit", &format!("/job/{a}/view")] {
+        // No token: a page that asks for one and holds no job.
+        let c = get(&h, path, None).await;
+        assert_eq!(c.status, StatusCode::OK, "{path}");
+        assert_eq!(c.headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let csp = c.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+            "{csp}"
+        );
+        assert_eq!(c.headers[header::CACHE_CONTROL], "no-store");
+        assert!(
+            c.text.contains("Token needed") && c.text.contains("token-form"),
+            "{path}"
+        );
+        for secret in ["alice-", "bob-secret-plan", "0.7", "0.9"] {
+            assert!(
+                !c.text.contains(secret),
+                "{path} without a token shows {secret:?}"
+            );
+        }
+        // A wrong token: 401, still nothing.
+        let c = get(&h, path, Some("wrong")).await;
+        assert_eq!(c.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(c.text.contains("invalid token") && !c.text.contains("bob-secret-plan"));
+    }
+    // alice sees her job, escaped, and never bob's.
+    let c = get(&h, "/", Some(alice)).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert!(
+        c.text.contains("alice-&lt;i id=x&gt;.Dockerfile"),
+        "{}",
+        c.text
+    );
+    assert!(!c.text.contains("<i id=x") && !c.text.contains("bob-secret-plan"));
+    assert!(c.text.contains(&format!("data-job=\"{a}\"")) && c.text.contains("0.7"));
+    let c = get(&h, &format!("/job/{b}/view"), Some(alice)).await;
+    assert_eq!(c.status, StatusCode::NOT_FOUND);
+    assert!(c.text.contains(&format!("no job {b}")) && !c.text.contains("bob-secret-plan"));
+    let c = get(&h, &format!("/job/{a}/view"), Some(alice)).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert!(c.text.contains("Succeeded") && c.text.contains("0.7"));
+    assert!(c.text.contains(&format!("/job/{a}/logs?follow=1")));
+    let c = get(&h, "/board", Some(alice)).await;
+    assert!(
+        c.text.contains("0.7") && !c.text.contains("0.9"),
+        "{}",
+        c.text
+    );
+    // Bad queries are pages with the API's message.
+    let c = get(&h, "/?status=bogus", Some(alice)).await;
+    assert_eq!(c.status, StatusCode::BAD_REQUEST);
+    assert!(c.text.contains("unknown status"));
+    assert_eq!(
+        get(&h, "/job/0/view", Some(alice)).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    // The assets come from the binary.
+    let c = get(&h, "/assets/app.js", None).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert!(
+        c.headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert!(c.text.contains("sessionStorage"));
+}
+
+#[tokio::test]
+async fn lists_filter_by_status_and_the_leaderboard_ranks_with_ties() {
+    let h = fake_service(|_| {}).await;
+    let mut ids = vec![];
+    for script in [
+        "perf=0.5",
+        "build-fails",
+        "perf=0.9",
+        "perf=0.5",
+        "run-no-perf",
+    ] {
+        let id = submit(&h, script).await;
+        h.finish(id).await;
+        ids.push(id);
+    }
+    let c = get(&h, "/jobs?status=failed", None).await;
+    let listed: Vec<i64> = c.json["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(listed, vec![ids[4], ids[1]]);
+    assert_eq!(c.json["total"], 2);
+    let c = get(&h, "/jobs?status=succeeded,build_failed&limit=2", None).await;
+    assert_eq!(c.json["total"], 4);
+    assert_eq!(
+        c.json["next"],
+        format!(
+            "/jobs?limit=2&before={}&status=succeeded,build_failed",
+            ids[2]
+        )
+    );
+    assert_error(
+        &get(&h, "/jobs?status=done", None).await,
+        StatusCode::BAD_REQUEST,
+        "unknown status \"done\"",
+    );
+
+    let c = get(&h, "/leaderboard?per=job", None).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.text);
+    assert_eq!(c.json["direction"], "higher");
+    let entries = c.json["entries"].as_array().unwrap();
+    let ranks: Vec<(i64, i64)> = entries
+        .iter()
+        .map(|e| (e["rank"].as_i64().unwrap(), e["job"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        ranks,
+        vec![(1, ids[2]), (2, ids[0]), (2, ids[3])],
+        "ties share a rank"
+    );
+    assert!(
+        entries[0]["times"]["finished_at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert_error(
+        &get(&h, "/leaderboard?per=team", None).await,
+        StatusCode::BAD_REQUEST,
+        "per must be",
+    );
+}
+
+#[tokio::test]
+async fn a_public_leaderboard_shows_every_owner_but_not_their_jobs() {
+    let h = fake_service(|c| {
+        two_owners(c);
+        c.leaderboard.public = true;
+        c.leaderboard.direction = crate::config::Direction::Lower;
+    })
+    .await;
+    let a = post_named(&h, "a.Dockerfile", "perf=0.7", "alice-secret-1").await;
+    post_named(&h, "b-plan.Dockerfile", "perf=0.2", "bob-secret-22").await;
+    post_named(&h, "b2.Dockerfile", "perf=0.4", "bob-secret-22").await;
+    let c = get(&h, "/leaderboard", Some("alice-secret-1")).await;
+    assert_eq!(c.json["direction"], "lower");
+    assert_eq!(c.json["public"], true);
+    let e = c.json["entries"].as_array().unwrap();
+    assert_eq!(e.len(), 2, "best per owner: {e:?}");
+    assert_eq!(
+        (e[0]["owner"].as_str(), e[0]["perf"].as_f64()),
+        (Some("bob"), Some(0.2))
+    );
+    assert!(
+        e[0].get("job").is_none() && e[0].get("filename").is_none(),
+        "{e:?}"
+    );
+    assert_eq!(e[1]["job"], a);
+    let page = get(&h, "/board", Some("alice-secret-1")).await.text;
+    assert!(page.contains("bob") && page.contains("0.2") && !page.contains("b-plan"));
+    assert!(page.contains("lower"));
+    // A public board needs a token all the same.
+    assert_eq!(
+        get(&h, "/leaderboard", None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
