@@ -28,7 +28,8 @@ const BOB: &str = "bob-web-token-22";
 const GOOD: &str = "FROM busybox\nRUN echo building-step && sleep 2\n\
                     CMD echo run-line; sleep 2; echo '{\"perf\": 0.8123}' > /data/perf.json\n";
 const BROKEN: &str = "FROM busybox\nRUN echo about-to-fail; exit 3\n";
-const LONG: &str = "FROM busybox\nCMD sleep 60\n";
+/// Builds for 3 s (a list sees it before it runs), then runs for a minute.
+const LONG: &str = "FROM busybox\nRUN sleep 3\nCMD sleep 60\n";
 
 /// A trial's body.
 type Body = fn() -> Result<(), Failed>;
@@ -444,8 +445,40 @@ fn two_tokens() -> Result<(), Failed> {
             .await;
         b.shot("other-token").await;
 
-        // bob cancels his own running job from its page.
+        // The list follows bob's new job as it starts, in place; bob cancels it from its page.
         let long = submit_as(&s, Some(BOB), "bob-long.Dockerfile", LONG);
+        b.goto(&format!("{base}/")).await;
+        let row = format!("#jobs tr[data-job='{long}'] [data-status]");
+        let first = b
+            .until(
+                "bob's job is listed",
+                Duration::from_secs(10),
+                &format!(
+                    "const e = document.querySelector({row:?}); return e && e.dataset.status;"
+                ),
+            )
+            .await;
+        assert_ne!(first, json!("running"), "listed before it runs");
+        b.c()
+            .execute("window.__mark = 7; return true;", vec![])
+            .await
+            .unwrap();
+        b.until(
+            "the list shows bob's job running",
+            Duration::from_secs(60),
+            &format!("const e = document.querySelector({row:?}); return e && e.dataset.status === 'running';"),
+        )
+        .await;
+        let mark = b
+            .c()
+            .execute("return window.__mark;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            mark,
+            json!(7),
+            "the list was reloaded instead of updated in place"
+        );
         wait_running(&s, long, BOB);
         b.goto(&format!("{base}/job/{long}/view")).await;
         b.until(
@@ -507,13 +540,14 @@ fn dump_dom() -> Result<(), Failed> {
     Ok(())
 }
 
-/// At a phone's width no page scrolls sideways, even with a 300-character filename and a log
+/// At a phone's width no page scrolls sideways, even with a 251-character filename and a log
 /// line of 3000 characters without a space; every form field has a label; the keyboard alone
 /// reaches the submit button, and the skip link comes first.
 fn phone() -> Result<(), Failed> {
     ready();
     let s = Service::start("web-phone", &[]);
-    let name = format!("{}.Dockerfile", "very-long-name-".repeat(20));
+    // No hyphen or space: nothing but the style may break it.
+    let name = format!("{}.Dockerfile", "verylongname".repeat(20));
     let wide = "x".repeat(3000);
     let job =
         format!("FROM busybox\nCMD echo {wide}; echo '{{\"perf\": 0.5}}' > /data/perf.json\n");
