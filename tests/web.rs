@@ -577,7 +577,10 @@ fn phone() -> Result<(), Failed> {
                 .unwrap();
             let (scroll, inner) = (widths[0].as_i64().unwrap(), widths[1].as_i64().unwrap());
             b.shot(shot).await;
-            assert_eq!(inner, 390, "the phone's width");
+            assert_eq!(
+                inner, 390,
+                "{page} does not fit the phone: the browser widened its viewport to {inner} px"
+            );
             assert!(
                 scroll <= inner,
                 "{page} scrolls sideways: {scroll} > {inner}"
