@@ -17,7 +17,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::json;
 
 use common::service::{Service, free_port, stop_all};
-use common::{TestDir, block_on, buildkit_socket, require_buildkitd, require_setup, skipped};
+use common::{TestDir, block_on, buildkit_socket, require_buildkitd, require_setup, skipped, user};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -505,28 +505,39 @@ fn two_tokens() -> Result<(), Failed> {
     })
 }
 
-/// The acceptance command: `chromium --headless --dump-dom http://127.0.0.1:PORT/` (plus
-/// what running it as root and offline needs) shows the latest job and its perf. Also without
-/// any script: the server renders the data itself when no token is needed.
+/// The acceptance command: `chromium --headless --dump-dom http://127.0.0.1:PORT/`, run
+/// as an unprivileged user with flags that keep it offline, shows the latest job and its perf.
+/// Also without any script: the server renders the data itself when no token is needed.
 fn dump_dom() -> Result<(), Failed> {
     ready();
     let s = Service::start("web-dump", &[]);
     let id = s.submit(GOOD);
     assert_eq!(wait_final(&s, id, None)["perf"], 0.8123);
-    let profile = TestDir::new("chromium-dump");
-    let out = Command::new(CHROMIUM)
+    // As an unprivileged user (the perfbox user), so that chromium keeps its own sandbox: as
+    // root it would need --no-sandbox. The flags after the command's own keep it on loopback.
+    let home = TestDir::new("chromium-dump");
+    let st = Command::new("chown")
+        .arg(user())
+        .arg(home.path())
+        .status()?;
+    assert!(st.success());
+    let out = Command::new("setpriv")
+        .args(["--reuid", user(), "--regid", user(), "--init-groups", "--"])
+        .arg("env")
+        .arg(format!("HOME={}", home.path().display()))
         .args([
+            CHROMIUM,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
+            "--dump-dom",
+            &format!("{}/", s.url()),
+        ])
+        .args([
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
             "--no-first-run",
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(["--dump-dom", &format!("{}/", s.url())])
         .output()?;
     let dom = String::from_utf8_lossy(&out.stdout);
     let row = dom
