@@ -204,7 +204,14 @@
   if (tokensOn && !token()) {
     showTokenForm();
   } else if (tokensOn) {
-    refresh(); // the page came without data: fetch it with the token
+    // The page came without data: fetch it with the token (and say so meanwhile).
+    const content = document.getElementById("content");
+    if (content && body.dataset.shell) {
+      const note = document.createElement("p");
+      note.textContent = "Loading with your token…";
+      content.replaceChildren(note);
+    }
+    refresh();
   } else {
     startLog();
     const delay = pollDelay(document);
