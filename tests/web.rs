@@ -37,12 +37,16 @@ type Body = fn() -> Result<(), Failed>;
 
 fn main() {
     let args = Arguments::from_args();
-    let tests: [(&str, Body); 3] = [
+    let tests: [(&str, Body); 4] = [
         (
             "submit_watch_rank_and_fail_in_the_browser_with_two_tokens",
             two_tokens,
         ),
         ("dump_dom_shows_the_latest_job_and_its_perf", dump_dom),
+        (
+            "the_form_sends_a_context_and_build_args_and_shows_refusals",
+            form_fields,
+        ),
         ("pages_fit_a_phone_and_work_from_the_keyboard", phone),
     ];
     let missing = [CHROMIUM, CHROMEDRIVER]
@@ -641,6 +645,87 @@ fn phone() -> Result<(), Failed> {
             Some("submit"),
             "Tab order: {seen:?}"
         );
+        b.close().await;
+    })
+}
+
+/// The form sends what the API takes besides a Dockerfile: a context archive (its Dockerfile
+/// COPYs a file from it) and build arguments, one per line; the job's perf comes from both. A
+/// refusal by the API (a build argument without `=`) is shown on the form, and queues nothing; a
+/// form without any file is stopped before it is sent.
+fn form_fields() -> Result<(), Failed> {
+    ready();
+    let s = Service::start("web-form-fields", &[]);
+    let dockerfile = "FROM busybox\nARG DIGITS\nCOPY prefix.txt /prefix.txt\n\
+                      RUN echo \"{\\\"perf\\\": $(cat /prefix.txt)$DIGITS}\" > /perf.json\n\
+                      CMD cp /perf.json /data/perf.json\n";
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, data) in [("Dockerfile", dockerfile.as_bytes()), ("prefix.txt", b"0.")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    }
+    let dir = TestDir::new("web-context");
+    let archive = dir.path().join("context.tar");
+    std::fs::write(&archive, tar.into_inner().unwrap())?;
+    let base = s.url();
+    block_on(async {
+        let b = Browser::start(1280, 1000, false).await;
+        b.goto(&format!("{base}/submit")).await;
+        // Nothing chosen: stopped on the page.
+        b.c()
+            .find(Locator::Id("submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        b.until_text(
+            "#submit-error",
+            "Choose a Dockerfile",
+            Duration::from_secs(5),
+        )
+        .await;
+        // The API's refusal, shown as it says it.
+        let context = b.c().find(Locator::Id("context")).await.unwrap();
+        context.send_keys(archive.to_str().unwrap()).await.unwrap();
+        let args = b.c().find(Locator::Id("build-args")).await.unwrap();
+        args.send_keys("DIGITS").await.unwrap();
+        b.c()
+            .find(Locator::Id("submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        b.until_text(
+            "#submit-error",
+            "build_arg must be NAME=value",
+            Duration::from_secs(10),
+        )
+        .await;
+        b.shot("submit-refused").await;
+        assert_eq!(s.total_jobs(), 0, "a refused form queued a job");
+        // Fixed: the job runs with the context and the argument.
+        args.clear().await.unwrap();
+        args.send_keys("DIGITS=4242").await.unwrap();
+        b.c()
+            .find(Locator::Id("submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        b.until(
+            "the job's page reaches succeeded",
+            Duration::from_secs(180),
+            "const e = document.querySelector('#summary [data-status]'); return e && e.dataset.status === 'succeeded';",
+        )
+        .await;
+        b.until_text("#summary .big", "0.4242", Duration::from_secs(5))
+            .await;
         b.close().await;
     })
 }
