@@ -27,7 +27,7 @@ const BOB: &str = "bob-web-token-22";
 
 /// A job that takes a few seconds (so that a page sees it move) and writes perf 0.8123.
 const GOOD: &str = "FROM busybox\nRUN echo building-step && sleep 2\n\
-                    CMD echo run-line; sleep 2; echo '{\"perf\": 0.8123}' > /data/perf.json\n";
+                    CMD echo run-line; sleep 4; echo '{\"perf\": 0.8123}' > /data/perf.json\n";
 const BROKEN: &str = "FROM busybox\nRUN echo about-to-fail; exit 3\n";
 /// Builds for 3 s (a list sees it before it runs), then runs for a minute.
 const LONG: &str = "FROM busybox\nRUN sleep 3\nCMD sleep 60\n";
@@ -353,6 +353,13 @@ fn two_tokens() -> Result<(), Failed> {
             .execute("window.__mark = 42; return true;", vec![])
             .await
             .unwrap();
+        // The run's first line shows while it still runs: the log streams.
+        b.until(
+            "the run's output shows while the job runs",
+            Duration::from_secs(60),
+            "const e = document.querySelector('#summary [data-status]'); return e && e.dataset.status === 'running' && document.getElementById('log').textContent.includes('run-line');",
+        )
+        .await;
         b.until(
             "the job page reaches succeeded",
             Duration::from_secs(180),

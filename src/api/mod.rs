@@ -26,7 +26,7 @@ mod logs;
 pub mod serve;
 #[cfg(test)]
 mod tests;
-mod web;
+pub mod web;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

@@ -737,3 +737,30 @@ async fn a_public_leaderboard_shows_every_owner_but_not_their_jobs() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+async fn the_jobs_page_pages_and_keeps_its_filter() {
+    let h = fake_service(|_| {}).await;
+    let mut ids = vec![];
+    for i in 0..(super::web::PAGE_SIZE + 5) {
+        let id = submit(&h, if i % 2 == 0 { "perf=1" } else { "build-fails" }).await;
+        h.finish(id).await;
+        ids.push(id);
+    }
+    let rows = |text: &str| text.matches("<tr data-job=").count();
+    let first = get(&h, "/", None).await.text;
+    assert_eq!(rows(&first), super::web::PAGE_SIZE);
+    let oldest_shown = ids[ids.len() - super::web::PAGE_SIZE];
+    let older = format!("href=\"/?before={oldest_shown}\"");
+    assert!(first.contains(&older), "no link to older jobs: {first}");
+    let second = get(&h, &format!("/?before={oldest_shown}"), None)
+        .await
+        .text;
+    assert_eq!(rows(&second), 5);
+    assert!(second.contains("Newest") && !second.contains("Older"));
+    // A filter stays on through the pages; 15 failed jobs fit on one page.
+    let failed = get(&h, "/?status=failed", None).await.text;
+    assert_eq!(rows(&failed), 15);
+    assert!(!failed.contains("data-status=\"succeeded\""));
+    assert!(failed.contains("aria-current=\"page\">Failed"));
+}
