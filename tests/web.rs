@@ -220,6 +220,34 @@ impl Browser {
             .unwrap();
     }
 
+    /// Click the element with this id.
+    async fn click(&self, id: &str) {
+        let e = self.c().find(Locator::Id(id)).await.unwrap();
+        e.click().await.unwrap();
+    }
+
+    /// Wait until the job page shows `status`.
+    async fn until_status(&self, status: &str, within: Duration) {
+        let check = format!(
+            "const e = document.querySelector('#summary [data-status]'); return !!e && e.dataset.status === {status:?};"
+        );
+        self.until(&format!("the job page shows {status}"), within, &check)
+            .await;
+    }
+
+    /// Leave `n` in the page's window (a reload loses it); [`Self::marked`] reads it back.
+    async fn mark(&self, n: i64) {
+        let js = format!("window.__mark = {n}; return true;");
+        self.c().execute(&js, vec![]).await.unwrap();
+    }
+
+    async fn marked(&self) -> serde_json::Value {
+        self.c()
+            .execute("return window.__mark;", vec![])
+            .await
+            .unwrap()
+    }
+
     /// The status the job page shows.
     async fn status(&self) -> String {
         let v = self
@@ -319,13 +347,7 @@ fn two_tokens() -> Result<(), Failed> {
         b.shot("submit").await;
         let file = b.c().find(Locator::Id("file")).await.unwrap();
         file.send_keys(path.to_str().unwrap()).await.unwrap();
-        b.c()
-            .find(Locator::Id("submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        b.click("submit").await;
         let url = b
             .until(
                 "the job's page opens",
@@ -349,10 +371,7 @@ fn two_tokens() -> Result<(), Failed> {
             ["queued", "building", "running"].contains(&first.as_str()),
             "the page should open on a job still going, saw {first:?}"
         );
-        b.c()
-            .execute("window.__mark = 42; return true;", vec![])
-            .await
-            .unwrap();
+        b.mark(42).await;
         // The run's first line shows while it still runs: the log streams.
         b.until(
             "the run's output shows while the job runs",
@@ -360,12 +379,7 @@ fn two_tokens() -> Result<(), Failed> {
             "const e = document.querySelector('#summary [data-status]'); return e && e.dataset.status === 'running' && document.getElementById('log').textContent.includes('run-line');",
         )
         .await;
-        b.until(
-            "the job page reaches succeeded",
-            Duration::from_secs(180),
-            "const e = document.querySelector('#summary [data-status]'); return e && e.dataset.status === 'succeeded';",
-        )
-        .await;
+        b.until_status("succeeded", Duration::from_secs(180)).await;
         b.until_text("#summary .big", "0.8123", Duration::from_secs(5))
             .await;
         b.until(
@@ -374,11 +388,7 @@ fn two_tokens() -> Result<(), Failed> {
             "const l = document.getElementById('log'); return l.dataset.complete === '1' && l.textContent.includes('run-line') && l.textContent.includes('building-step');",
         )
         .await;
-        let mark = b
-            .c()
-            .execute("return window.__mark;", vec![])
-            .await
-            .unwrap();
+        let mark = b.marked().await;
         assert_eq!(
             mark,
             json!(42),
@@ -437,13 +447,7 @@ fn two_tokens() -> Result<(), Failed> {
         b.shot("jobs").await;
 
         // bob: none of alice's jobs anywhere.
-        b.c()
-            .find(Locator::Id("forget"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        b.click("forget").await;
         b.use_token(BOB).await;
         b.until_text("#who", "bob", Duration::from_secs(10)).await;
         b.until_text("#content", "No jobs here yet", Duration::from_secs(10))
@@ -475,21 +479,14 @@ fn two_tokens() -> Result<(), Failed> {
             )
             .await;
         assert_ne!(first, json!("running"), "listed before it runs");
-        b.c()
-            .execute("window.__mark = 7; return true;", vec![])
-            .await
-            .unwrap();
+        b.mark(7).await;
         b.until(
             "the list shows bob's job running",
             Duration::from_secs(60),
             &format!("const e = document.querySelector({row:?}); return e && e.dataset.status === 'running';"),
         )
         .await;
-        let mark = b
-            .c()
-            .execute("return window.__mark;", vec![])
-            .await
-            .unwrap();
+        let mark = b.marked().await;
         assert_eq!(
             mark,
             json!(7),
@@ -503,19 +500,8 @@ fn two_tokens() -> Result<(), Failed> {
             "return !!document.getElementById('cancel');",
         )
         .await;
-        b.c()
-            .find(Locator::Id("cancel"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        b.until(
-            "the job page shows cancelled",
-            Duration::from_secs(20),
-            "const e = document.querySelector('#summary [data-status]'); return e && e.dataset.status === 'cancelled';",
-        )
-        .await;
+        b.click("cancel").await;
+        b.until_status("cancelled", Duration::from_secs(20)).await;
         assert_eq!(wait_final(&s, long, Some(BOB))["status"], "cancelled");
         b.close().await;
     })
@@ -682,13 +668,7 @@ fn form_fields() -> Result<(), Failed> {
         let b = Browser::start(1280, 1000, false).await;
         b.goto(&format!("{base}/submit")).await;
         // Nothing chosen: stopped on the page.
-        b.c()
-            .find(Locator::Id("submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        b.click("submit").await;
         b.until_text(
             "#submit-error",
             "Choose a Dockerfile",
@@ -700,13 +680,7 @@ fn form_fields() -> Result<(), Failed> {
         context.send_keys(archive.to_str().unwrap()).await.unwrap();
         let args = b.c().find(Locator::Id("build-args")).await.unwrap();
         args.send_keys("DIGITS").await.unwrap();
-        b.c()
-            .find(Locator::Id("submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        b.click("submit").await;
         b.until_text(
             "#submit-error",
             "build_arg must be NAME=value",
@@ -718,19 +692,8 @@ fn form_fields() -> Result<(), Failed> {
         // Fixed: the job runs with the context and the argument.
         args.clear().await.unwrap();
         args.send_keys("DIGITS=4242").await.unwrap();
-        b.c()
-            .find(Locator::Id("submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        b.until(
-            "the job's page reaches succeeded",
-            Duration::from_secs(180),
-            "const e = document.querySelector('#summary [data-status]'); return e && e.dataset.status === 'succeeded';",
-        )
-        .await;
+        b.click("submit").await;
+        b.until_status("succeeded", Duration::from_secs(180)).await;
         b.until_text("#summary .big", "0.4242", Duration::from_secs(5))
             .await;
         b.close().await;

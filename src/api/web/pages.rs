@@ -108,6 +108,13 @@ pub fn problem(message: &str) -> Markup {
     }
 }
 
+/// A table's head: one column per name (an empty name: no column).
+fn header(columns: &[&str]) -> Markup {
+    html! {
+        thead { tr { @for c in columns.iter().filter(|c| !c.is_empty()) { th scope="col" { (c) } } } }
+    }
+}
+
 /// A status in words; the class gives it its colour.
 pub fn status_label(st: JobStatus) -> &'static str {
     match st {
@@ -244,17 +251,10 @@ pub fn jobs(v: &JobsView<'_>) -> Markup {
             } @else {
                 div.scroll {
                     table #jobs.cards {
-                        thead { tr {
-                            th scope="col" { "Job" }
-                            th scope="col" { "Status" }
-                            th scope="col" { "Perf" }
-                            th scope="col" { "File" }
-                            @if v.show_owner { th scope="col" { "Owner" } }
-                            th scope="col" { "Submitted" }
-                            th scope="col" { "Finished" }
-                            th scope="col" { "Build" }
-                            th scope="col" { "Run" }
-                        } }
+                        (header(&[
+                            "Job", "Status", "Perf", "File", if v.show_owner { "Owner" } else { "" },
+                            "Submitted", "Finished", "Build", "Run",
+                        ]))
                         tbody {
                             @for j in v.jobs {
                                 tr data-job=(j.id) {
@@ -303,14 +303,7 @@ pub fn board(b: &Leaderboard, per_owner: bool) -> Markup {
             } @else {
                 div.scroll {
                     table #board.cards {
-                        thead { tr {
-                            th scope="col" { "Rank" }
-                            th scope="col" { "Perf" }
-                            th scope="col" { "Owner" }
-                            th scope="col" { "Job" }
-                            th scope="col" { "File" }
-                            th scope="col" { "Finished" }
-                        } }
+                        (header(&["Rank", "Perf", "Owner", "Job", "File", "Finished"]))
                         tbody {
                             @for e in &b.entries {
                                 tr data-job=[e.visible.then_some(e.job.id)] {
@@ -519,7 +512,7 @@ fn sandbox(v: &JobView<'_>) -> Markup {
                     details {
                         summary { "Every rule" }
                         div.scroll { table {
-                            thead { tr { th scope="col" { "Rule" } th scope="col" { "Verdict" } th scope="col" { "What was found" } } }
+                            (header(&["Rule", "Verdict", "What was found"]))
                             tbody { @for f in &a.findings {
                                 tr { td { (f.rule) } td { @if f.ok { "ok" } @else { strong { "FAILED" } } } td { (f.detail) } }
                             } }
@@ -561,8 +554,7 @@ fn limits(v: Option<&Value>) -> Markup {
     };
     html! {
         div.scroll { table.limits {
-            thead { tr { th scope="col" { "Limit" } th scope="col" { "Value" }
-                th scope="col" { "Applied by" } th scope="col" { "Note" } } }
+            (header(&["Limit", "Value", "Applied by", "Note"]))
             tbody { @for (name, l) in m {
                 tr {
                     td { (name) }
