@@ -720,26 +720,34 @@ impl JobService {
 
     /// The OCI spec the job ran with (its config.json, verbatim).
     pub fn spec(&self, id: JobId, owner: &Owner) -> Result<serde_json::Value, JobError> {
-        let rec = self.get(id, owner)?;
-        let text = std::fs::read_to_string(self.local_dir(&rec).spec())
-            .map_err(|_| JobError::NoSpec(id))?;
-        serde_json::from_str(&text).map_err(|_| JobError::NoSpec(id))
+        self.spec_of(&self.get(id, owner)?)
+    }
+
+    /// [`Self::spec`] of a record the caller already read (and may see).
+    pub fn spec_of(&self, rec: &JobRecord) -> Result<serde_json::Value, JobError> {
+        let text = std::fs::read_to_string(self.local_dir(rec).spec())
+            .map_err(|_| JobError::NoSpec(rec.id))?;
+        serde_json::from_str(&text).map_err(|_| JobError::NoSpec(rec.id))
     }
 
     /// Check a job against every audit rule ([`super::audit`]).
     pub fn audit(&self, id: JobId, owner: &Owner) -> Result<super::audit::JobAudit, JobError> {
-        let rec = self.get(id, owner)?;
-        let dir = self.local_dir(&rec);
+        Ok(self.audit_of(&self.get(id, owner)?))
+    }
+
+    /// [`Self::audit`] of a record the caller already read (and may see).
+    pub fn audit_of(&self, rec: &JobRecord) -> super::audit::JobAudit {
+        let dir = self.local_dir(rec);
         let seccomp_digest = self.inner.runner.seccomp_digest();
-        Ok(super::audit::audit_job(
-            &rec,
+        super::audit::audit_job(
+            rec,
             &super::audit::AuditBasis {
                 job_dir: dir.path(),
                 seccomp_digest: &seccomp_digest,
                 frontend: super::pipeline::FRONTEND,
                 datasets: &self.inner.cfg.datasets,
             },
-        ))
+        )
     }
 
     /// The signed receipt of a finished job ([`super::receipt`]).
@@ -959,19 +967,6 @@ fn sanitize_filename(name: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn filenames_are_display_only() {
-        assert_eq!(super::sanitize_filename("../../etc/passwd"), "passwd");
-        assert_eq!(super::sanitize_filename(""), "Dockerfile");
-        assert_eq!(
-            super::sanitize_filename("job\n.Dockerfile"),
-            "job.Dockerfile"
-        );
-    }
-}
-
 /// Succeeded jobs ranked by perf, as one caller may see them ([`JobService::leaderboard`]).
 #[derive(Debug)]
 pub struct Leaderboard {
@@ -993,4 +988,17 @@ pub struct Ranked {
     pub visible: bool,
     /// The job.
     pub job: JobRecord,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn filenames_are_display_only() {
+        assert_eq!(super::sanitize_filename("../../etc/passwd"), "passwd");
+        assert_eq!(super::sanitize_filename(""), "Dockerfile");
+        assert_eq!(
+            super::sanitize_filename("job\n.Dockerfile"),
+            "job.Dockerfile"
+        );
+    }
 }

@@ -225,9 +225,13 @@ async fn job_page(
         } else {
             None
         };
-        // The spec and its audit exist once the run was prepared, on the node that ran it.
-        let spec = jobs.spec(id, owner).ok();
-        let audit = spec.as_ref().and_then(|_| jobs.audit(id, owner).ok());
+        // The spec and its audit exist once the run was prepared (its digest is recorded then),
+        // on the node that ran it. Read from the record already in hand: the page is polled.
+        let spec = rec
+            .spec_sha256
+            .as_ref()
+            .and_then(|_| jobs.spec_of(&rec).ok());
+        let audit = spec.as_ref().map(|_| jobs.audit_of(&rec));
         Ok(pages::job(&pages::JobView {
             rec: &rec,
             queue_position,
