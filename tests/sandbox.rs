@@ -327,7 +327,8 @@ fn perf_symlink() {
             &shell("mkdir /data/d; ln -s /etc /data/perf.json"),
         )
         .await;
-        assert_eq!(r.perf, Err(PerfError::Symlink));
+        assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
+        assert_eq!(r.perf, Err(PerfError::Symlink), "{}", r.log_tail);
     })
     .unwrap();
 }
