@@ -7,7 +7,9 @@
 //! [`FakeBuilder::cgroup_root`]); anything else builds an image whose rootfs holds a `marker` file
 //! with the Dockerfile.
 //! Runner behaviours (same line): `run-hangs` (until cancelled), `run-exits-3`, `run-oom`,
-//! `run-no-perf`, `run-bad-perf`, `run-timeout`, `run-errors`; otherwise it reports `perf: 0.5`
+//! `run-no-perf`, `run-bad-perf`, `run-timeout`, `run-errors`, `run-runtime-flake` (the first run
+//! of the job fails as runc does in its own setup), `run-runtime-flake-always` (every run does);
+//! otherwise it reports `perf: 0.5`
 //! (or the number after `perf=`). Every run but `run-errors` writes the spec the real sandbox
 //! would (so audits of fake jobs check a real spec).
 
@@ -239,6 +241,8 @@ pub struct FakeRunner {
     pub peak: AtomicUsize,
     /// Job dirs reaped.
     pub reaped: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    /// Job dirs whose `run-runtime-flake` run already failed once.
+    flaked: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
     /// The script of each prepared run, by container id.
     scripts: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
@@ -313,6 +317,14 @@ impl Runner for FakeRunner {
                 .find_map(|w| w.strip_prefix("perf="))
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0.5);
+            let flake = what.contains("run-runtime-flake-always")
+                || (what.contains("run-runtime-flake")
+                    && self.flaked.lock().unwrap().insert(prepared.job_dir.clone()));
+            if flake {
+                let mut r = report(RunEnd::Exited { code: 1 }, false, Err(PerfError::Missing));
+                r.log_tail = "level=fatal msg=\"nsexec[149]: could not ensure we are a cloned binary: Device or resource busy\"\n".into();
+                return Ok(r);
+            }
             Ok(if what.contains("run-exits-3") {
                 report(RunEnd::Exited { code: 3 }, false, Err(PerfError::Missing))
             } else if what.contains("run-oom") {

@@ -90,6 +90,28 @@ async fn every_failure_has_its_status_and_reason() {
 }
 
 #[tokio::test]
+async fn a_runtime_failing_in_its_own_setup_gets_one_more_run_not_more() {
+    let h = harness(|_| {}).await;
+    let once = h.submit("run-runtime-flake perf=0.7");
+    let rec = h.finish(once).await;
+    assert_eq!(rec.status, JobStatus::Succeeded, "{rec:?}");
+    assert_eq!(rec.perf, Some(0.7));
+    assert_eq!(h.runner.runs.load(Ordering::SeqCst), 2);
+    let always = h.submit("run-runtime-flake-always");
+    let rec = h.finish(always).await;
+    assert_eq!(rec.status, JobStatus::RunFailed, "{rec:?}");
+    assert!(
+        rec.error.unwrap_or_default().contains("cloned binary"),
+        "the reason shows the runtime's words"
+    );
+    assert_eq!(
+        h.runner.runs.load(Ordering::SeqCst),
+        4,
+        "two runs each, no third"
+    );
+}
+
+#[tokio::test]
 async fn cancel_works_in_every_phase_and_leaves_nothing_running() {
     let h = harness(|c| {
         c.max_concurrent_builds = 1;

@@ -150,6 +150,12 @@ pub enum RunEnd {
     },
 }
 
+/// What runc prints when it fails inside its own setup, before the job's process exists: runc
+/// 1.1's nsexec could not copy and seal its own binary into a memfd (`F_ADD_SEALS` answered
+/// `EBUSY`, seen about once in 150 runs inside perfbox's container image). The job never ran, so
+/// running it again is safe.
+pub const RUNTIME_SETUP_FAILURES: &[&str] = &["could not ensure we are a cloned binary"];
+
 /// The result of one run.
 #[derive(Debug)]
 pub struct RunReport {
@@ -168,6 +174,18 @@ pub struct RunReport {
     pub log_tail: String,
     /// What the run used, measured by the host.
     pub usage: Usage,
+}
+
+impl RunReport {
+    /// The runtime failed in its own setup, before the job's process started
+    /// ([`RUNTIME_SETUP_FAILURES`]). A job that prints the same words itself gets one more run
+    /// of its own, no more.
+    pub fn runtime_failed_before_start(&self) -> bool {
+        matches!(self.end, RunEnd::Exited { code } if code != 0)
+            && RUNTIME_SETUP_FAILURES
+                .iter()
+                .any(|m| self.log_tail.contains(m))
+    }
 }
 
 /// What a run used, measured by the host (never reported by the job): wall time from the
