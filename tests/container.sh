@@ -193,13 +193,23 @@ check "the README job's record says which limits applied: rlimits and perfbox's 
 
 # --- restart with state kept ---------------------------------------------------------------------
 if [ -n "${RESTART:-}" ]; then
-  before=$(curl -sS "$url/jobs?limit=100" | jq -c '[.jobs[] | {id, status, perf}] | sort_by(.id)')
+  # A job still running when the container stops: afterwards it says it was interrupted, and why.
+  long=$(submit long "$(printf 'FROM alpine\nCMD sleep 60; echo {\\"perf\\":0.33} > /data/perf.json')")
+  for _ in $(seq 300); do
+    [ "$(curl -sS "$url/job/performance/$long" | jq -r .status)" = running ] && break
+    sleep 0.2
+  done
+  before=$(curl -sS "$url/jobs?limit=100" | jq -c --argjson l "$long" '[.jobs[] | select(.id != $l) | {id, status, perf}] | sort_by(.id)')
   t0=$(date +%s)
   if bash -c "$RESTART" >"$work/restart.log" 2>&1; then
     ok "the container restarted ($(($(date +%s) - t0)) s)"
-    after=$(curl -sS "$url/jobs?limit=100" | jq -c '[.jobs[] | {id, status, perf}] | sort_by(.id)')
+    after=$(curl -sS "$url/jobs?limit=100" | jq -c --argjson l "$long" '[.jobs[] | select(.id != $l) | {id, status, perf}] | sort_by(.id)')
     detail="before: $before; after: $after"
-    check "every job and its result kept across the restart" test "$before" = "$after"
+    check "every job and its result kept across the restart ($(jq length <<<"$after") jobs)" test "$before" = "$after"
+    a=$(final "$long")
+    detail="$a"
+    check "the job running at the restart ends interrupted, saying why" \
+      test "$(status_of "$a") $(jq -r .error <<<"$a")" = "interrupted perfbox stopped while the job was running; it did not finish"
     id=$(submit after-restart "$(ordinary 7777)")
     a=$(final "$id")
     detail="$a"
