@@ -87,6 +87,12 @@ detail="$a"
 check "README: curl -F file=@job.Dockerfile, then /job/performance gives 0.9876" \
   test "$(status_of "$a") $(perf_of "$a")" = "succeeded 0.9876"
 
+# The kernel's first choice when memory runs out (no memory cgroup here): a job's process.
+oom=$(submit oom "$(printf 'FROM alpine\nCMD echo {\\"perf\\":$(cat /proc/self/oom_score_adj)} > /data/perf.json')")
+a=$(final "$oom")
+detail="$a"
+check "a job's processes have oom_score_adj 1000" test "$(status_of "$a") $(perf_of "$a")" = "succeeded 1000"
+
 # --- 20 concurrent jobs --------------------------------------------------------------------------
 for i in $(seq 10 29); do
   (submit "c$i" "$(ordinary "5${i}1")" >"$work/c$i.id") &
@@ -151,6 +157,9 @@ attack "a fork bomb is stopped" \
 attack "a job that stops itself (SIGSTOP) times out" \
   "$(printf 'FROM alpine\nCMD sh -c '"'"'kill -STOP $$; echo {\\"perf\\":1} > /data/perf.json'"'"'; kill -STOP $$')" \
   '[ "$(status_of "$a")" = timed_out ]'
+attack "a 3 GB allocation is refused (RLIMIT_AS: 4 x the 512 MiB memory limit)" \
+  "$(printf 'FROM alpine\nCMD dd if=/dev/zero of=/dev/null bs=3000M count=1 && echo {\\"perf\\":1} > /data/perf.json')" \
+  '[ "$(status_of "$a")" = run_failed ] && curl -sS "$url/job/$(jq -r .job <<<"$a")/logs" | grep -qi "memory"'
 attack "a disk bomb in /data is stopped at its limit" \
   "$(printf 'FROM alpine\nCMD dd if=/dev/zero of=/data/fill bs=1M count=200000; echo {\\"perf\\":1} > /data/perf.json')" \
   '[ "$(status_of "$a")" != succeeded ] && jq -r .error <<<"$a" | grep -qiE "data|disk|bytes|space|limit"'

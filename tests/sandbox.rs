@@ -196,7 +196,7 @@ fn tests() -> Vec<Trial> {
 fn identity_and_capabilities() {
     block_on(async {
         let (job, r) = run(attack_runtime(), &shell(
-            "id -u > /data/uid; cat /proc/self/uid_map > /data/uid_map; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status > /data/status",
+            "id -u > /data/uid; cat /proc/self/uid_map > /data/uid_map; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status > /data/status; cat /proc/self/oom_score_adj > /data/oom",
         )).await;
         assert_eq!(r.end, RunEnd::Exited { code: 0 }, "{}", r.log_tail);
         assert_eq!(out(&job, "uid").trim(), "0");
@@ -211,6 +211,7 @@ fn identity_and_capabilities() {
         }
         assert!(status.contains("NoNewPrivs:\t1"), "{status}");
         assert!(status.contains("Seccomp:\t2"), "{status}");
+        assert_eq!(out(&job, "oom").trim(), "1000", "the OOM killer's first choice");
     })
     .unwrap();
 }

@@ -7,7 +7,8 @@
 //! network one holds only `lo`), the image rootfs read-only, a size-capped tmpfs at /tmp, the
 //! job's own output dir at /data, and the usual /proc, /dev, /sys with runc's masked and
 //! read-only paths. What it takes away: every capability, privilege gain (no_new_privileges),
-//! every syscall outside the seccomp allowlist, core dumps, and resources beyond the limits.
+//! every syscall outside the seccomp allowlist, core dumps, and resources beyond the limits; and
+//! it puts the job's processes first in line for the OOM killer (`oom_score_adj` 1000).
 
 use std::path::PathBuf;
 
@@ -26,6 +27,9 @@ use super::policy::{AppliedLimits, Enforcement, Limits};
 
 /// CPU quota period (µs).
 const CPU_PERIOD_US: u64 = 100_000;
+
+/// Every job process's `oom_score_adj`: the kernel's first choice when memory runs out.
+pub const OOM_SCORE_ADJ: i32 = 1000;
 
 /// Everything the spec depends on.
 #[derive(Debug, Clone)]
@@ -263,6 +267,10 @@ pub fn hardened_spec(input: &SpecInput<'_>) -> Result<(Spec, AppliedLimits), Spe
         )
         .no_new_privileges(true)
         .rlimits(rlimits)
+        // When memory runs out beyond the job's own limit (no memory cgroup, as in perfbox's
+        // container image, or the whole machine short), the kernel kills a job's process
+        // first, never perfbox, BuildKit or the registry. Raising it needs no privilege.
+        .oom_score_adj(OOM_SCORE_ADJ)
         .build()?;
 
     let tmpfs_size = format!("size={}", limits.tmpfs_bytes);
@@ -434,6 +442,7 @@ mod tests {
         assert_eq!(root_cfg.readonly(), Some(true));
         let p = spec.process().as_ref().unwrap();
         assert_eq!(p.no_new_privileges(), Some(true));
+        assert_eq!(p.oom_score_adj(), Some(OOM_SCORE_ADJ));
         let caps = p.capabilities().as_ref().unwrap();
         for set in [
             caps.bounding(),
