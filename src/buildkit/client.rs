@@ -228,6 +228,7 @@ impl BuildkitClient {
             () = cancel.cancelled() => Err(BuildError::Cancelled),
             r = super::build::run(self, req, log.clone()) => r.map_err(|e| e.locate_in(&dockerfile)),
         };
+        let result = error::unasked_cancel_is_daemon_lost(result, cancel.is_cancelled());
         if let Err(e) = &result {
             log.line(&format!("ERROR: {e}"));
         }

@@ -319,6 +319,23 @@ pub(crate) fn classify_parts(
 }
 
 /// Messages with which a stopping buildkitd (SIGTERM) or its gRPC server fails running builds.
+/// A build the daemon ended as cancelled though perfbox never cancelled it: buildkitd, stopping
+/// on SIGTERM, cancels its solves and says `context canceled` before the connection breaks.
+/// That is the daemon going away, not a cancel.
+pub(crate) fn unasked_cancel_is_daemon_lost<T>(
+    result: Result<T, BuildError>,
+    asked: bool,
+) -> Result<T, BuildError> {
+    match result {
+        Err(BuildError::Cancelled) if !asked => Err(BuildError::DaemonLost {
+            message:
+                "buildkitd cancelled the build though perfbox did not ask (the daemon was stopping)"
+                    .to_owned(),
+        }),
+        r => r,
+    }
+}
+
 fn is_daemon_shutdown(message: &str) -> bool {
     message.contains("SIGTERM/SIGINTs, forcing shutdown")
         || message.contains("grpc: the server has been stopped")
@@ -513,6 +530,19 @@ mod tests {
             classify_parts(tonic::Code::Unknown, msg.into(), ErrorDetails::default()),
             BuildError::DaemonLost { ref message } if message == msg
         ));
+    }
+
+    #[test]
+    fn a_cancel_nobody_asked_for_is_the_daemon_going_away() {
+        let unasked = unasked_cancel_is_daemon_lost::<()>(Err(BuildError::Cancelled), false);
+        assert!(
+            matches!(unasked, Err(BuildError::DaemonLost { ref message }) if message.contains("did not ask")),
+            "{unasked:?}"
+        );
+        let asked = unasked_cancel_is_daemon_lost::<()>(Err(BuildError::Cancelled), true);
+        assert!(matches!(asked, Err(BuildError::Cancelled)), "{asked:?}");
+        let other = unasked_cancel_is_daemon_lost::<()>(Ok(()), false);
+        assert!(other.is_ok());
     }
 
     #[test]
