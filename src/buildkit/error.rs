@@ -318,7 +318,6 @@ pub(crate) fn classify_parts(
     BuildError::Other { message }
 }
 
-/// Messages with which a stopping buildkitd (SIGTERM) or its gRPC server fails running builds.
 /// A build the daemon ended as cancelled though perfbox never cancelled it: buildkitd, stopping
 /// on SIGTERM, cancels its solves and says `context canceled` before the connection breaks.
 /// That is the daemon going away, not a cancel.
@@ -336,6 +335,7 @@ pub(crate) fn unasked_cancel_is_daemon_lost<T>(
     }
 }
 
+/// Messages with which a stopping buildkitd (SIGTERM) or its gRPC server fails running builds.
 fn is_daemon_shutdown(message: &str) -> bool {
     message.contains("SIGTERM/SIGINTs, forcing shutdown")
         || message.contains("grpc: the server has been stopped")

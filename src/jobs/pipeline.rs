@@ -401,22 +401,10 @@ impl JobService {
             );
         }
         let started = Instant::now();
-        let prepared = match self
-            .prepare_run(id, dir, image.lease.rootfs(), &image.config, cancel)
-            .await
-        {
-            Ok(p) => p,
-            Err((status, error)) => return ending(status, error),
-        };
-        let mut report = self
-            .inner
-            .runner
-            .start(prepared, cancel.child_token())
-            .await;
-        // Once, when the runtime failed before the job's process existed: a new container (and
-        // spec, whose digest replaces the first one's in the record) runs it again.
-        if matches!(&report, Ok(r) if r.runtime_failed_before_start()) && !cancel.is_cancelled() {
-            tracing::warn!(job = %id, "the runtime failed in its own setup, before the job started; running it once more");
+        // A second attempt, once, when the runtime failed before the job's process existed: a
+        // new container (and spec, whose digest replaces the first one's in the record).
+        let mut retried = false;
+        let report = loop {
             let prepared = match self
                 .prepare_run(id, dir, image.lease.rootfs(), &image.config, cancel)
                 .await
@@ -424,12 +412,20 @@ impl JobService {
                 Ok(p) => p,
                 Err((status, error)) => return ending(status, error),
             };
-            report = self
+            let report = self
                 .inner
                 .runner
                 .start(prepared, cancel.child_token())
                 .await;
-        }
+            if retried
+                || cancel.is_cancelled()
+                || !matches!(&report, Ok(r) if r.runtime_failed_before_start())
+            {
+                break report;
+            }
+            tracing::warn!(job = %id, "the runtime failed in its own setup, before the job started; running it once more");
+            retried = true;
+        };
         drop(run_permit);
         drop(owner_permit);
         drop(image.lease);
